@@ -1,0 +1,34 @@
+# vidret: `make test` and `make reproduce` are the two commands. Both create the
+# project's virtual environment (.venv) from requirements.txt on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= default
+STAMP := $(VENV)/.vidret-installed
+
+.DEFAULT_GOAL := help
+.PHONY: help env test test-fast reproduce figures benchmarks clean-executed
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@echo "  variables: PROFILE=$(PROFILE) (smoke | default | msrvtt-gpu), PYTHON=$(PYTHON), VENV=$(VENV)"
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $@
+
+env: $(STAMP)  ## create or update the virtual environment (.venv) from requirements.txt
+
+test: $(STAMP)  ## run every test: unit, real-file (../shared/data when present), doctests, nbval
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## unit tests only (no notebooks, no slow tests)
+	$(PY) -m pytest -q -m "not slow"
+
+benchmarks: $(STAMP)  ## print speed and memory figures (not tests)
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

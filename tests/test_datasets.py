@@ -1,0 +1,31 @@
+import pytest
+
+from vidret_lib.datasets import load_dataset, write_dataset
+
+
+def test_roundtrip_and_caption_video_index(tmp_path):
+    caps = [
+        {"video_id": "b", "sentence": "x"},
+        {"video_id": "a", "sentence": "y"},
+        {"video_id": "b", "sentence": "x"},
+    ]
+    videos = [{"video_id": "a", "path": "videos/a.mp4"}, {"video_id": "b", "path": "/abs/b.mp4"}]
+    ds = write_dataset(tmp_path, {"name": "t", "version": "1"}, videos, {"train": caps})
+    sp = ds.split("train")
+    assert sp.video_ids == ["b", "a"]
+    assert sp.caption_video.tolist() == [0, 1, 0]
+    assert sp.video_captions() == [[0, 2], [1]]
+    assert ds.info["splits"]["train"] == {"videos": 2, "captions": 3, "distinct_sentences": 2}
+    assert ds.video_path("a") == tmp_path / "videos" / "a.mp4"
+    assert str(ds.video_path("b")) == "/abs/b.mp4"
+    assert load_dataset(tmp_path).split_names() == ["train"]
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        load_dataset(tmp_path)
+    ds = write_dataset(tmp_path, {"name": "t"}, [{"video_id": "a", "path": "a.mp4"}], {"test": []})
+    with pytest.raises(FileNotFoundError, match=r"has splits \['test'\]"):
+        ds.split("val")
+    with pytest.raises(ValueError, match="lacks"):
+        write_dataset(tmp_path, {"name": "t"}, [{"video_id": "a"}], {})

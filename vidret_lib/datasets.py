@@ -1,0 +1,147 @@
+"""The on-disk layout shared by every dataset (the synthetic benchmark and prepared MSR-VTT).
+
+A notebook swaps datasets by changing one path. Layout under a dataset root::
+
+    dataset.json          {"name", "version", "source", "splits": {split: counts}}
+    videos.json           [{"video_id", "path", "title", "category", ...}, ...]
+    splits/<split>.json   {"split": name, "captions": [{"video_id", "sentence"}, ...]}
+    pairs/<split>.json    [{"video_a", "video_b", "label"}, ...]      (optional)
+    manifest.json         expected vs present videos, unreadable files (data prep writes it)
+    videos/<video_id>.mp4 (a video's "path" is relative to the root, or absolute)
+
+A split's videos are the distinct ``video_id`` of its captions, in order of first
+appearance; caption ``i`` belongs to video ``caption_video[i]`` (an index into
+``video_ids``). Retrieval splits with one caption per video (MSR-VTT 1k-A) therefore give a
+square text-video matrix with matches on the diagonal.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .cache import load_json, save_json
+
+LAYOUT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: its captions, its videos, and which video each caption describes."""
+
+    name: str
+    sentences: list[str]
+    caption_video_ids: list[str]
+    video_ids: list[str] = field(init=False)
+    caption_video: np.ndarray = field(init=False)  # (n_captions,) int64 index into video_ids
+
+    def __post_init__(self) -> None:
+        index: dict[str, int] = {}
+        for vid in self.caption_video_ids:
+            index.setdefault(vid, len(index))
+        object.__setattr__(self, "video_ids", list(index))
+        object.__setattr__(
+            self, "caption_video", np.array([index[v] for v in self.caption_video_ids], dtype=np.int64)
+        )
+
+    def video_captions(self) -> list[list[int]]:
+        """For each video of the split, the indices of its captions."""
+        out: list[list[int]] = [[] for _ in self.video_ids]
+        for i, v in enumerate(self.caption_video):
+            out[v].append(i)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Numbers of videos, captions and distinct sentences (what summary.json reports)."""
+        return {
+            "videos": len(self.video_ids),
+            "captions": len(self.sentences),
+            "distinct_sentences": len(set(self.sentences)),
+        }
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset root in the shared layout. Load with :func:`load_dataset`."""
+
+    root: Path
+    info: dict[str, Any]
+    videos: dict[str, dict[str, Any]]  # video_id -> record from videos.json
+
+    @property
+    def name(self) -> str:
+        return self.info["name"]
+
+    def split_names(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "splits").glob("*.json"))
+
+    def split(self, name: str) -> Split:
+        path = self.root / "splits" / f"{name}.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: dataset {self.name!r} has splits {self.split_names()}"
+            )
+        caps = load_json(path)["captions"]
+        unknown = sorted({c["video_id"] for c in caps} - set(self.videos))
+        if unknown:
+            raise ValueError(f"{path} names videos absent from videos.json: {unknown[:5]} ...")
+        return Split(name, [c["sentence"] for c in caps], [c["video_id"] for c in caps])
+
+    def pairs(self, name: str) -> list[dict[str, Any]]:
+        path = self.root / "pairs" / f"{name}.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: dataset {self.name!r} has no {name!r} pair split")
+        return load_json(path)
+
+    def video_path(self, video_id: str) -> Path:
+        p = Path(self.videos[video_id]["path"])
+        return p if p.is_absolute() else self.root / p
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this dataset's content in cache keys."""
+        return {"name": self.name, "version": self.info.get("version"), "layout": LAYOUT_VERSION}
+
+
+def load_dataset(root: str | os.PathLike) -> Dataset:
+    """Read a dataset root written by ``data_prep`` (see the module docstring)."""
+    root = Path(root)
+    if not (root / "dataset.json").exists():
+        raise FileNotFoundError(
+            f"{root} is not a prepared dataset (no dataset.json); run "
+            "`python -m data_prep.synthetic --out DIR` or `python -m data_prep.msrvtt --out DIR` first"
+        )
+    info = load_json(root / "dataset.json")
+    videos = {v["video_id"]: v for v in load_json(root / "videos.json")}
+    return Dataset(root=root, info=info, videos=videos)
+
+
+def write_dataset(
+    root: str | os.PathLike,
+    info: dict[str, Any],
+    videos: Iterable[dict[str, Any]],
+    splits: dict[str, list[dict[str, str]]],
+    pairs: dict[str, list[dict[str, Any]]] | None = None,
+) -> Dataset:
+    """Write the layout's JSON files atomically (videos themselves are written by the caller).
+
+    ``splits`` maps a split name to its caption rows ``{"video_id", "sentence"}``;
+    ``dataset.json`` is written last, so a root with ``dataset.json`` is complete.
+    """
+    root = Path(root)
+    videos = list(videos)
+    for v in videos:
+        missing = {"video_id", "path"} - set(v)
+        if missing:
+            raise ValueError(f"video record {v} lacks {sorted(missing)}")
+    save_json(root / "videos.json", videos)
+    counts = {}
+    for name, caps in splits.items():
+        save_json(root / "splits" / f"{name}.json", {"split": name, "captions": caps})
+        counts[name] = Split(name, [c["sentence"] for c in caps], [c["video_id"] for c in caps]).counts()
+    for name, rows in (pairs or {}).items():
+        save_json(root / "pairs" / f"{name}.json", rows)
+    save_json(root / "dataset.json", {**info, "layout": LAYOUT_VERSION, "splits": counts})
+    return load_dataset(root)
