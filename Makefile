@@ -32,3 +32,9 @@ test-fast: $(STAMP)  ## unit tests only (no notebooks, no slow tests)
 
 benchmarks: $(STAMP)  ## print speed and memory figures (not tests)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+reproduce: $(STAMP)  ## run every notebook headless (PROFILE=default|smoke|msrvtt-gpu), write results/ and figures/
+	$(PY) -m vidret_lib.reproduce --profile $(PROFILE)
+
+clean-executed:  ## forget executed notebooks (the next reproduce re-runs them; caches are kept)
+	rm -rf executed/

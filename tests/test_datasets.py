@@ -29,3 +29,16 @@ def test_clear_errors(tmp_path):
         ds.split("val")
     with pytest.raises(ValueError, match="lacks"):
         write_dataset(tmp_path, {"name": "t"}, [{"video_id": "a"}], {})
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+
+    from vidret_lib.cache import save_json
+
+    old = os.umask(0o022)
+    try:
+        path = save_json(tmp_path / "x.json", {})
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)

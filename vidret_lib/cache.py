@@ -17,6 +17,8 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 T = TypeVar("T")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def cache_key(name: str, **parts: Any) -> str:
@@ -47,6 +49,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
     try:
         write(tmp_path)
         os.replace(tmp_path, path)

@@ -78,7 +78,24 @@ class Dataset:
     def split_names(self) -> list[str]:
         return sorted(p.stem for p in (self.root / "splits").glob("*.json"))
 
-    def split(self, name: str) -> Split:
+    def split(self, name: str, present_only: bool = False) -> Split:
+        """Split ``name``; with ``present_only``, only caption rows whose video is present.
+
+        Data prep marks each video record with a ``status`` (``"ok"``, ``"missing"``,
+        ``"unreadable"``); records without one (ShapeMotion writes its own files) count as
+        present. A partly downloaded MSR-VTT is evaluated on the present part, named
+        ``<name>.present``.
+
+        Example:
+            >>> import tempfile
+            >>> videos = [{"video_id": "a", "path": "a.mp4", "status": "ok"},
+            ...           {"video_id": "b", "path": "b.mp4", "status": "missing"}]
+            >>> rows = [{"video_id": "a", "sentence": "x"}, {"video_id": "b", "sentence": "y"}]
+            >>> ds = write_dataset(tempfile.mkdtemp(), {"name": "t"}, videos, {"test": rows})
+            >>> sp = ds.split("test", present_only=True)
+            >>> sp.name, sp.sentences, sp.video_ids
+            ('test.present', ['x'], ['a'])
+        """
         path = self.root / "splits" / f"{name}.json"
         if not path.exists():
             raise FileNotFoundError(
@@ -88,7 +105,15 @@ class Dataset:
         unknown = sorted({c["video_id"] for c in caps} - set(self.videos))
         if unknown:
             raise ValueError(f"{path} names videos absent from videos.json: {unknown[:5]} ...")
+        if present_only:
+            caps = [c for c in caps if self.videos[c["video_id"]].get("status", "ok") == "ok"]
+            name = f"{name}.present"
         return Split(name, [c["sentence"] for c in caps], [c["video_id"] for c in caps])
+
+    def manifest(self) -> dict[str, Any]:
+        """The data-prep manifest (expected vs present videos), or {} if there is none."""
+        path = self.root / "manifest.json"
+        return load_json(path) if path.exists() else {}
 
     def pairs(self, name: str) -> list[dict[str, Any]]:
         path = self.root / "pairs" / f"{name}.json"
@@ -102,7 +127,12 @@ class Dataset:
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this dataset's content in cache keys."""
-        return {"name": self.name, "version": self.info.get("version"), "layout": LAYOUT_VERSION}
+        return {
+            "name": self.name,
+            "version": self.info.get("version"),
+            "content": self.info.get("content_hash"),
+            "layout": LAYOUT_VERSION,
+        }
 
 
 def load_dataset(root: str | os.PathLike) -> Dataset:

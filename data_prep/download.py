@@ -1,0 +1,98 @@
+"""Fetch public archives with pooch and unpack them resumably (used on a user's machine only).
+
+What happens when a run is interrupted (pooch 1.9, ``pooch.retrieve``):
+
+- A download is streamed into a temporary file (``tmp*``) in the cache folder and renamed
+  to its final name only once it is complete and its hash matches ``Archive.sha256``.
+  A killed download therefore never leaves a file under the final name; the next run
+  starts that download again **from byte 0** (pooch has no HTTP range resume). A
+  ``tmp*`` file left behind by a hard kill is never read and can be deleted.
+- A file already present under its final name is reused without downloading. With a
+  known sha256 it is checked first and downloaded again if it differs ("update"); with
+  ``sha256=None`` it is reused unchecked.
+- :func:`extract` writes every member atomically and skips members already present with
+  the right size, so an interrupted unpacking continues where it stopped.
+
+Checksums: the real sha256 of the public archives was not available when this was
+written (no network here), so :data:`data_prep.msrvtt.ARCHIVES` leaves ``sha256=None``
+rather than invent one; the hash of what was downloaded is computed by :func:`fetch` and
+recorded in the dataset's ``manifest.json`` so a later download can be compared with it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pooch
+from tqdm import tqdm
+
+from vidret_lib.cache import atomic_write
+
+Downloader = Callable[[str, str, object], None]  # pooch's downloader protocol: (url, output_file, pooch)
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A public archive: where it lives and, when known, its sha256 (hex digest)."""
+
+    url: str
+    sha256: str | None = None
+
+
+def progress_disabled() -> bool:
+    """True when progress bars must stay quiet (not a terminal, or ``VIDRET_PROGRESS=0``)."""
+    return os.environ.get("VIDRET_PROGRESS") == "0" or not sys.stderr.isatty()
+
+
+def fetch(archive: Archive, cache_dir: str | os.PathLike, downloader: Downloader | None = None) -> dict:
+    """Download ``archive`` into ``cache_dir`` unless already there; see the module docstring.
+
+    ``downloader`` follows pooch's protocol (``pooch.HTTPDownloader`` by default, with a
+    progress bar on a terminal). Returns ``{"url", "file", "sha256"}``, the sha256 being
+    computed from the file on disk.
+    """
+    fname = archive.url.rsplit("/", 1)[-1]
+    if downloader is None:
+        downloader = pooch.HTTPDownloader(progressbar=not progress_disabled())
+    known = None if archive.sha256 is None else f"sha256:{archive.sha256}"
+    path = pooch.retrieve(archive.url, known_hash=known, fname=fname, path=cache_dir, downloader=downloader)
+    return {"url": archive.url, "file": path, "sha256": pooch.file_hash(path, alg="sha256")}
+
+
+def extract(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Unpack a zip into ``dest``, skipping members already unpacked with the right size.
+
+    Each member is written to a temporary file and renamed, so a killed run leaves only
+    complete files; re-running finishes the rest. A member whose path would leave
+    ``dest`` is refused.
+
+    Example:
+        >>> import tempfile, pathlib, zipfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> with zipfile.ZipFile(d / "a.zip", "w") as z:
+        ...     z.writestr("x/y.txt", "hello")
+        >>> (extract(d / "a.zip", d / "out") / "x" / "y.txt").read_text()
+        'hello'
+    """
+    dest = Path(dest)
+    root = dest.resolve()
+    with zipfile.ZipFile(zip_path) as zf:
+        members = [m for m in zf.infolist() if not m.is_dir()]
+        for member in tqdm(members, desc=f"unzip {Path(zip_path).name}", disable=progress_disabled()):
+            target = dest / member.filename
+            if not target.resolve().is_relative_to(root):
+                raise ValueError(f"{zip_path}: member {member.filename!r} would be written outside {dest}")
+            if target.exists() and target.stat().st_size == member.file_size:
+                continue
+
+            def write(tmp: Path, member: zipfile.ZipInfo = member) -> None:
+                with zf.open(member) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out)
+
+            atomic_write(target, write)
+    return dest

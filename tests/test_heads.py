@@ -1,0 +1,173 @@
+"""Heads against naive loops: meanP pooling, seqTransf masking and CLIP init, title fusion, EMCL blocks."""
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+from vidret_lib.emcl import EMCL
+from vidret_lib.encoders import Encoder
+from vidret_lib.heads import (
+    RetrievalModel,
+    SeqTransf,
+    TitleFusion,
+    clip_text_init,
+    identity_adapter,
+    mean_pool,
+    r_vt,
+)
+
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def tiny_encoder(dim=64, text_width=64):
+    model = open_clip.CLIP(
+        embed_dim=dim,
+        vision_cfg=CLIPVisionCfg(layers=1, width=32, patch_size=16, image_size=32, head_width=16),
+        text_cfg=CLIPTextCfg(context_length=8, vocab_size=50, width=text_width, heads=2, layers=4),
+    ).eval()
+    return Encoder(model, "tiny-clip", "tiny", dim, 32, torch.device("cpu"), (0.5,) * 3, (0.5,) * 3, None)
+
+
+def naive_mean_pool(video, mask):
+    out = []
+    for v in range(video.shape[0]):
+        acc, n = [0.0] * video.shape[2], 0
+        for t in range(video.shape[1]):
+            if mask[v, t]:
+                f = video[v, t].tolist()
+                norm = math.sqrt(sum(x * x for x in f))
+                acc = [a + x / norm for a, x in zip(acc, f)]
+                n += 1
+        mean = [a / max(n, 1) for a in acc]
+        norm = math.sqrt(sum(x * x for x in mean))
+        out.append([x / norm if norm > 0 else 0.0 for x in mean])
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mean_pool_matches_naive_loop(dtype):
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(4, 5, 3, generator=g, dtype=dtype)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    video[~mask] = 0.0  # padded frames are zero in the feature cache
+    got = mean_pool(video, mask)
+    assert got.dtype == dtype and not torch.isnan(got).any()
+    assert torch.allclose(got, torch.tensor(naive_mean_pool(video, mask), dtype=dtype), **TOL[dtype])
+
+
+def test_identity_adapter():
+    x = torch.randn(3, 8)
+    assert torch.equal(identity_adapter(8)(x), x)
+
+
+def test_seqtransf_masks_padded_frames_and_uses_positions():
+    torch.manual_seed(0)
+    head = SeqTransf(64, layers=2).double()
+    x = torch.randn(2, 6, 64, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = head(x, mask)
+    assert out.shape == x.shape
+    # valid outputs equal running on the unpadded sequence alone: padded keys get no attention
+    alone = head(x[:1, :4], torch.ones(1, 4, dtype=torch.bool))
+    assert torch.allclose(out[0, :4], alone[0], atol=1e-10)
+    # changing padded frames changes nothing valid
+    y = x.clone()
+    y[0, 4:] = 100.0
+    assert torch.allclose(head(y, mask)[0, :4], out[0, :4], atol=1e-10)
+    # frame order matters (position embeddings): reversing the input is not reversing the output
+    rev = head(x[1:].flip(1), mask[1:])
+    assert not torch.allclose(rev.flip(1), out[1:], atol=1e-4)
+    assert head.init_source.startswith("random")
+
+
+def test_seqtransf_initialised_from_clip_text_transformer():
+    enc = tiny_encoder(dim=64, text_width=64)
+    init = clip_text_init(enc, 64, layers=4)
+    assert init is not None and len(init.blocks) == 4
+    head = SeqTransf(64, layers=4, init=init)
+    src = enc.model.transformer.resblocks
+    for i in range(4):
+        for (n, a), (_, b) in zip(head.blocks[i].named_parameters(), src[i].named_parameters()):
+            assert torch.equal(a, b), n
+            assert a.data_ptr() != b.data_ptr()  # copies: training the head leaves CLIP alone
+    assert torch.equal(head.frame_position_embeddings.weight[:8], enc.model.positional_embedding)
+    assert "tiny-clip" in head.init_source
+    # a text width different from D (the offline default's case) falls back to random init
+    assert clip_text_init(tiny_encoder(dim=64, text_width=32), 64) is None
+
+
+def test_title_fusion_starts_as_normalised_sum_and_r_vt():
+    g = torch.Generator().manual_seed(1)
+    v = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    t = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    with torch.no_grad():
+        fused = TitleFusion(8)(v, t)
+    assert torch.allclose(fused, F.normalize(v + t, dim=-1))
+    expected = []
+    for i in range(5):
+        cos = lambda a, b: float((a @ b) / (a.norm() * b.norm()))  # noqa: E731
+        expected.append(cos(v[i], fused[i]) / cos(t[i], fused[i]))
+    assert torch.allclose(r_vt(v, t, fused), torch.tensor(expected), atol=1e-6)
+
+
+def naive_cos(a, b):
+    return [[float((x @ y) / (x.norm() * y.norm())) for y in b] for x in a]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_similarity_meanp_matches_naive(dtype):
+    g = torch.Generator().manual_seed(2)
+    model = RetrievalModel(6).to(dtype)
+    with torch.no_grad():
+        model.text_adapter.weight.copy_(torch.randn(6, 6, generator=g))
+    text = torch.randn(7, 6, generator=g, dtype=dtype)
+    video = torch.randn(3, 4, 6, generator=g, dtype=dtype)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        sim = model.similarity(text, video, mask, chunk=2)
+        t = model.text_adapter(text)
+    pooled = torch.tensor(naive_mean_pool(video, mask), dtype=dtype)
+    assert torch.allclose(sim, torch.tensor(naive_cos(t, pooled), dtype=dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_similarity_with_emcl_runs_on_blocks(dtype):
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    emcl = EMCL(k=4, stage_num=3)
+    model = RetrievalModel(6, emcl=emcl, emcl_block=2).to(dtype).eval()
+    text = torch.randn(5, 6, generator=g, dtype=dtype)
+    video = torch.randn(3, 4, 6, generator=g, dtype=dtype)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    with torch.no_grad():
+        sim = model.similarity(text, video, mask)
+        raw_v = video.mean(1)  # un-normalised pooled video fed to EMCL (EMCL-Net)
+        expected = torch.empty(5, 3, dtype=dtype)
+        for i in range(0, 5, 2):
+            for j in range(0, 3, 2):
+                ti, vj = text[i:i + 2], raw_v[j:j + 2]
+                y = emcl(torch.cat([vj, ti]))  # [videos of the block; texts of the block]
+                yv, yt = y[: len(vj)], y[len(vj):]
+                expected[i:i + 2, j:j + 2] = torch.tensor(naive_cos(yt, yv), dtype=dtype)
+    assert torch.allclose(sim, expected, **TOL[dtype])
+    # a pair's score depends on its block (pitfall 4): one big block gives other scores
+    model.emcl_block = 8
+    with torch.no_grad():
+        assert not torch.allclose(model.similarity(text, video, mask), sim, atol=1e-6)
+
+
+def test_model_modalities_and_errors():
+    model = RetrievalModel(4, use_title=True)
+    video, mask = torch.randn(3, 2, 4), torch.ones(3, 2, dtype=torch.bool)
+    title, present = torch.randn(3, 4), torch.tensor([True, True, False])
+    mods = model.modalities(video, mask, title, present)
+    assert torch.equal(mods["title"][2], torch.zeros(4))  # no title: zero text side
+    assert torch.allclose(mods["fused"][2], mods["vision"][2])  # fused = vision alone
+    with pytest.raises(ValueError, match="title"):
+        model.similarity(torch.randn(2, 4), video, mask)
+    with pytest.raises(ValueError, match="unknown head"):
+        RetrievalModel(4, head="lstm")

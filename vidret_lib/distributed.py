@@ -1,0 +1,128 @@
+"""Multi-process training through ``torchrun`` / ``torch.distributed``, with exact gradients.
+
+Run a script that calls :func:`vidret_lib.train.train` as ``torchrun --nproc_per_node N script.py``:
+:func:`init_from_env` joins the process group that torchrun describes in the environment
+(gloo on CPU, nccl on CUDA). Every process draws the same global batch (same seed) and
+keeps its contiguous slice (:func:`shard`); embeddings are gathered with
+:func:`gather` so every process computes the loss of the whole global batch, and
+:func:`average_gradients` averages parameter gradients across processes.
+
+Why the gradients are exact, and why CLIP4Clip's are not (papers.md §0, pitfall 6).
+Let ``L`` be the loss of the global batch, identical on all W processes, and ``x_r`` the
+local embeddings of process r (produced by parameters ``theta`` before the gather).
+
+- ``torch.distributed.nn.functional.all_gather`` (used here) back-propagates by summing
+  the incoming gradients of every process' copy of ``L`` (a reduce-scatter): process r
+  gets ``W * dL/dx_r``, hence ``W * dL/dx_r * dx_r/dtheta``; averaging over processes gives
+  ``sum_r dL/dx_r dx_r/dtheta = dL/dtheta``, the single-process full-batch gradient.
+- CLIP4Clip's ``AllGather`` (``ArrowLuo/CLIP4Clip`` ``modules/until_module.py``) returns
+  only ``grad_output`` of the local slice: process r gets ``dL/dx_r`` once, and DDP's
+  average gives ``(1/W) dL/dtheta`` for every parameter before the gather (towers, heads);
+  parameters after it (the logit scale) get the full gradient. Adam-type updates are
+  nearly scale-invariant, so the effect shows through the eps, the gradient clipping
+  thresholds and the relative strength of weight decay (EMCL's README: 47.0 on 2 GPUs vs
+  48.2 on 8 at the same global batch).
+
+Parameters used after the gather (e.g. the MBVR fusion) see the full batch on every
+process; their (identical) gradients are unchanged by averaging.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["init_from_env", "rank_and_world", "shard", "gather", "average_gradients", "broadcast_parameters"]
+
+
+def init_from_env(device: str | torch.device = "cpu") -> tuple[int, int]:
+    """Join the process group described by torchrun's environment; return ``(rank, world_size)``.
+
+    With ``WORLD_SIZE`` unset or 1 (a plain ``python`` run) nothing is initialised and
+    ``(0, 1)`` is returned. The backend is nccl for a CUDA device, gloo otherwise; under
+    CUDA each process uses ``cuda:LOCAL_RANK``.
+
+    Example:
+        >>> "WORLD_SIZE" in os.environ or init_from_env("cpu") == (0, 1)
+        True
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the current process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """The contiguous slice of a global batch that process ``rank`` handles.
+
+    Gathering the slices of all processes in rank order gives back ``batch``, so the gathered
+    batch, the loss and the gradients equal the single-process ones.
+
+    Example:
+        >>> shard(torch.arange(6), 1, 2).tolist()
+        [3, 4, 5]
+    """
+    if len(batch) % world_size:
+        raise ValueError(
+            f"a global batch of {len(batch)} cannot be split evenly over {world_size} processes; "
+            "choose batch_size divisible by the number of processes"
+        )
+    size = len(batch) // world_size
+    return batch[rank * size:(rank + 1) * size]
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (B_local, ...) from every process along dim 0, keeping exact gradients.
+
+    Uses ``torch.distributed.nn.functional.all_gather``, whose backward sums the gradients of
+    all processes (see the module docstring). Identity without a process group.
+    """
+    _, world = rank_and_world()
+    if world == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def average_gradients(params) -> None:
+    """All-reduce each parameter gradient and divide by the world size (what DDP does).
+
+    Call after ``loss.backward()`` and before clipping / ``optimizer.step()``. Parameters
+    without a gradient on this process get a zero gradient first so that every process
+    takes part in the same all-reduces.
+    """
+    _, world = rank_and_world()
+    if world == 1:
+        return
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+
+
+def broadcast_parameters(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every process (identical start)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)

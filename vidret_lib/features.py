@@ -1,0 +1,172 @@
+"""Cached, batched, resumable feature extraction: per-frame image features, per-caption text features.
+
+With frozen towers every later experiment trains on these caches (seconds per epoch).
+
+Layout under ``<cache_dir>/features/``:
+
+* ``<cache_key("video-features", frames=<frame cache key>, encoder=<encoder.cache_id>)>/``
+  holds one ``.npz`` per chunk of ``chunk_size`` videos, named by a hash of the chunk's
+  video ids: ``feats`` float32 (n, T, D) (zeros where the frame mask is False), ``mask``
+  bool (n, T), ``video_ids``.
+* ``<cache_key("text-features", encoder=..., sentences=<sha256 of the list>, chunk_size=...)>/``
+  holds ``chunk-00000.npz``, ... of ``chunk_size`` sentences each: ``feats`` (n, D).
+
+Chunks are written atomically as soon as they are done, so a killed run resumes at the
+first missing chunk, and a second call only reads files (the encoder is not called).
+Features are the encoder's raw outputs (not L2-normalised).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .cache import cache_key, load_npz, save_npz
+
+VIDEO_CHUNK = 256
+TEXT_CHUNK = 4096
+
+
+def video_features(
+    encoder,
+    frame_cache,
+    video_ids: Sequence[str],
+    cache_dir: str | os.PathLike,
+    batch_size: int = 64,
+    chunk_size: int = VIDEO_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame features of ``video_ids``: (feats float32 (V, T, D), mask bool (V, T)).
+
+    ``frame_cache`` provides ``.key`` and ``.load(video_id) -> (frames uint8 (T, S, S, 3),
+    mask bool (T,))``; only masked-in frames are encoded, ``batch_size`` frames at a time
+    across video boundaries; masked-out frames get zero features.
+
+    Example:
+        >>> import tempfile, types
+        >>> class Enc:  # a stand-in: feature = mean pixel value, D = 1
+        ...     cache_id = "mean-pixel"
+        ...     def encode_image(self, x): return torch.tensor(x.mean(axis=(1, 2, 3)))[:, None]
+        >>> frames = types.SimpleNamespace(key="k", load=lambda v: (
+        ...     np.full((2, 4, 4, 3), int(v), np.uint8), np.array([True, v == "7"])))
+        >>> feats, mask = video_features(Enc(), frames, ["3", "7"], tempfile.mkdtemp())
+        >>> feats[..., 0].tolist(), mask.tolist()
+        ([[3.0, 0.0], [7.0, 7.0]], [[True, False], [True, True]])
+    """
+    video_ids = list(video_ids)
+    if not video_ids:
+        raise ValueError("video_features needs at least one video id")
+    folder = _features_dir(cache_dir, "video-features", frames=frame_cache.key,
+                           encoder=encoder.cache_id)
+    chunks = [video_ids[i:i + chunk_size] for i in range(0, len(video_ids), chunk_size)]
+    paths = [folder / f"{cache_key('videos', ids=ids)}.npz" for ids in chunks]
+    todo = sum(len(ids) for ids, path in zip(chunks, paths) if not path.exists())
+    feats, masks = [], []
+    with _progress(todo, "video features", "video") as bar:
+        for ids, path in zip(chunks, paths):
+            if not path.exists():
+                feats_np, mask_np = _encode_videos(encoder, frame_cache, ids, batch_size, bar.update)
+                save_npz(path, feats=feats_np, mask=mask_np, video_ids=np.array(ids))
+            data = load_npz(path)
+            if data["video_ids"].tolist() != ids:
+                raise ValueError(f"{path} holds other videos than expected; delete it to recompute")
+            feats.append(data["feats"])
+            masks.append(data["mask"])
+    return torch.from_numpy(np.concatenate(feats)), torch.from_numpy(np.concatenate(masks))
+
+
+def text_features(
+    encoder,
+    sentences: Sequence[str],
+    cache_dir: str | os.PathLike,
+    batch_size: int = 256,
+    chunk_size: int = TEXT_CHUNK,
+) -> torch.Tensor:
+    """Features (N, D) float32 of ``sentences``, in order.
+
+    Example:
+        >>> import tempfile
+        >>> class Enc:  # a stand-in: feature = caption length, D = 1
+        ...     cache_id = "length"
+        ...     def encode_text(self, c): return torch.tensor([[float(len(s))] for s in c])
+        >>> text_features(Enc(), ["a", "abc"], tempfile.mkdtemp())[:, 0].tolist()
+        [1.0, 3.0]
+    """
+    sentences = list(sentences)
+    if not sentences:
+        raise ValueError("text_features needs at least one sentence")
+    digest = hashlib.sha256(json.dumps(sentences).encode()).hexdigest()
+    folder = _features_dir(cache_dir, "text-features", encoder=encoder.cache_id, sentences=digest,
+                           chunk_size=chunk_size)
+    starts = range(0, len(sentences), chunk_size)
+    paths = [folder / f"chunk-{i:05d}.npz" for i in range(len(starts))]
+    todo = sum(len(sentences[s:s + chunk_size]) for s, p in zip(starts, paths) if not p.exists())
+    feats = []
+    with _progress(todo, "text features", "caption") as bar:
+        for start, path in zip(starts, paths):
+            if not path.exists():
+                chunk = sentences[start:start + chunk_size]
+                out = []
+                for b in range(0, len(chunk), batch_size):
+                    out.append(encoder.encode_text(chunk[b:b + batch_size]).cpu().numpy())
+                    bar.update(len(out[-1]))
+                save_npz(path, feats=np.concatenate(out))
+            feats.append(load_npz(path)["feats"])
+    return torch.from_numpy(np.concatenate(feats))
+
+
+def _encode_videos(
+    encoder, frame_cache, ids: list[str], batch_size: int, advance: Callable[[int], object]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode the masked-in frames of ``ids``: (feats (n, T, D) float32, mask (n, T) bool)."""
+    masks: list[np.ndarray] = []
+    flat_feats: list[np.ndarray] = []  # (n_masked_frames, D) per batch, in frame order
+
+    def frames_in_order() -> Iterator[np.ndarray]:
+        for vid in ids:
+            frames, mask = frame_cache.load(vid)
+            if masks and len(mask) != len(masks[0]):
+                raise ValueError(f"video {vid}: {len(mask)} frame slots, others have {len(masks[0])}")
+            masks.append(np.asarray(mask, bool))
+            yield frames[masks[-1]]
+            advance(1)
+
+    for batch in _batches(frames_in_order(), batch_size):
+        flat_feats.append(encoder.encode_image(batch).cpu().numpy())
+    mask = np.stack(masks)  # (n, T)
+    dim = flat_feats[0].shape[1] if flat_feats else encoder.embed_dim
+    feats = np.zeros(mask.shape + (dim,), np.float32)
+    if flat_feats:
+        feats[mask] = np.concatenate(flat_feats)  # row-major order = video, then frame
+    return feats, mask
+
+
+def _batches(groups: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Regroup a stream of (k_i, ...) arrays into (size, ...) batches (the last may be smaller)."""
+    pending: list[np.ndarray] = []
+    count = 0
+    for group in groups:
+        pending.append(group)
+        count += len(group)
+        while count >= size:
+            joined = np.concatenate(pending)
+            yield joined[:size]
+            pending, count = [joined[size:]], count - size
+    if count:
+        yield np.concatenate(pending)
+
+
+def _features_dir(cache_dir: str | os.PathLike, name: str, **parts: str | int) -> Path:
+    return Path(cache_dir) / "features" / cache_key(name, **parts)
+
+
+def _progress(total: int, desc: str, unit: str) -> tqdm:
+    """A tqdm bar, off when stderr is not a terminal or VIDRET_PROGRESS=0."""
+    off = os.environ.get("VIDRET_PROGRESS") == "0" or not sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, disable=off)

@@ -1,0 +1,329 @@
+"""Similarity heads on per-frame and per-caption features: meanP, seqTransf, MBVR title fusion, EMCL.
+
+The pipeline of :class:`RetrievalModel` (shapes: N captions, V videos, T frames, D dims)::
+
+    text (N, D)    -> text adapter              -> t (N, D)
+    video (V, T, D)-> video adapter -> temporal -> frames (V, T, D)
+                      meanP pooling: normalise each frame, masked mean, normalise  -> v (V, D)
+    [MBVR]  title (V, D) -> title adapter, normalise -> F_t;  F_m = fusion(F_v = v, F_t)
+    [EMCL]  Y = EMCL([masked_mean(frames); t]) (un-normalised, EMCL-Net), split, normalise
+    similarity = cos(t, video embedding)                                     (N, V)
+
+The adapters are ``nn.Linear(D, D)`` initialised to the identity: in frozen-feature mode
+they are the trainable stand-in for the CLIP weights that the papers train at lr 1e-7
+(with the default offline encoder the joint-space projections are untrained, so the
+adapters matter). "meanP" and "seqTransf" follow CLIP4Clip (``ArrowLuo/CLIP4Clip``
+``modules/modeling.py`` ``_loose_similarity``); seqTransf's 4 blocks and frame position
+embeddings are copied from CLIP's text transformer when the encoder provides compatible
+ones (:func:`clip_text_init`), else randomly initialised as CLIP4Clip's ``init_weights``
+(normal 0.02) -- ``SeqTransf.init_source`` says which.
+"""
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .emcl import EMCL
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "HEADS",
+    "MODALITIES",
+    "identity_adapter",
+    "masked_mean",
+    "mean_pool",
+    "MeanP",
+    "SeqTransf",
+    "SeqInit",
+    "clip_text_init",
+    "TitleFusion",
+    "r_vt",
+    "RetrievalModel",
+]
+
+HEADS = ("meanP", "seqTransf")
+MODALITIES = ("fused", "vision", "title")
+MASK_BIAS = -1e6  # CLIP4Clip's additive attention mask for padded frames
+
+
+def identity_adapter(dim: int) -> nn.Linear:
+    """A ``Linear(dim, dim)`` initialised to the identity (weight I, bias 0).
+
+    Example:
+        >>> x = torch.randn(3, 4); torch.equal(identity_adapter(4)(x), x)
+        True
+    """
+    layer = nn.Linear(dim, dim)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(dim))
+        layer.bias.zero_()
+    return layer
+
+
+def masked_mean(frames: Tensor, mask: Tensor) -> Tensor:
+    """Mean over valid frames: ``frames`` (V, T, D), ``mask`` (V, T) bool -> (V, D).
+
+    A video with no valid frame gives a zero vector (CLIP4Clip sets the count to 1).
+
+    Example:
+        >>> masked_mean(torch.tensor([[[1.0], [3.0], [9.0]]]), torch.tensor([[True, True, False]]))
+        tensor([[2.]])
+    """
+    w = mask.to(frames.dtype).unsqueeze(-1)  # (V, T, 1)
+    return (frames * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+def mean_pool(frames: Tensor, mask: Tensor) -> Tensor:
+    """CLIP4Clip's meanP: L2-normalise each frame, masked mean, L2-normalise -> (V, D).
+
+    ``F.normalize`` keeps zero (padded) frames at zero instead of NaN.
+
+    Example:
+        >>> mean_pool(torch.tensor([[[2.0, 0.0], [0.0, 5.0]]]), torch.ones(1, 2, dtype=torch.bool))
+        tensor([[0.7071, 0.7071]])
+    """
+    return F.normalize(masked_mean(F.normalize(frames, dim=-1), mask), dim=-1)
+
+
+class MeanP(nn.Module):
+    """Parameter-free temporal head: frames pass unchanged (pooling is :func:`mean_pool`)."""
+
+    init_source = "parameter-free"
+
+    def forward(self, frames: Tensor, mask: Tensor) -> Tensor:
+        return frames
+
+
+class SeqInit(NamedTuple):
+    """Blocks and frame position embeddings to initialise :class:`SeqTransf` from CLIP."""
+
+    blocks: list[nn.Module]
+    positional_embedding: Tensor | None
+    source: str
+
+
+def clip_text_init(encoder, dim: int, layers: int = 4) -> SeqInit | None:
+    """CLIP4Clip's initialisation of seqTransf from an encoder, or None if it cannot apply.
+
+    Takes the first ``layers`` blocks of ``encoder.text_transformer_blocks()`` and the
+    text positional embedding (``encoder.model.positional_embedding``) when they are
+    open_clip ``ResidualAttentionBlock``s of width ``dim`` (true for CLIP ViT-B/32:
+    text width 512 = embed dim 512). The offline default's HF text tower does not
+    qualify, so its seqTransf is randomly initialised.
+    """
+    from open_clip.transformer import ResidualAttentionBlock  # imported here: open_clip loads slowly
+
+    blocks = encoder.text_transformer_blocks(layers)
+    if blocks is None or len(blocks) < layers:
+        return None
+    blocks = list(blocks)[:layers]
+    if not all(isinstance(b, ResidualAttentionBlock) and b.ln_1.normalized_shape[0] == dim for b in blocks):
+        return None
+    pos = getattr(encoder.model, "positional_embedding", None)
+    if pos is not None and pos.shape[-1] != dim:
+        pos = None
+    return SeqInit(blocks, None if pos is None else pos.detach(), f"{encoder.name} text transformer")
+
+
+class SeqTransf(nn.Module):
+    """CLIP4Clip's seqTransf: ``frames + Transformer(frames + pos)``, padded frames masked as keys.
+
+    ``frames`` (V, T, D) -> (V, T, D). ``layers`` residual attention blocks of width D
+    (D // 64 heads, CLIP's rule), learned frame position embeddings for up to
+    ``max_positions`` frames (77, CLIP's context length), additive key mask -1e6.
+    """
+
+    def __init__(self, dim: int, layers: int = 4, max_positions: int = 77, init: SeqInit | None = None) -> None:
+        super().__init__()
+        self.frame_position_embeddings = nn.Embedding(max_positions, dim)
+        if init is None:
+            from open_clip.transformer import ResidualAttentionBlock  # imported here: open_clip loads slowly
+
+            heads = max(1, dim // 64)
+            if dim % heads:
+                raise ValueError(f"seqTransf needs a width divisible by its {heads} heads; got D={dim}")
+            self.blocks = nn.ModuleList(ResidualAttentionBlock(dim, heads, batch_first=True) for _ in range(layers))
+            self.apply(_clip4clip_init)
+            self.init_source = "random (normal 0.02, CLIP4Clip init_weights)"
+        else:
+            self.blocks = nn.ModuleList(copy.deepcopy(b) for b in init.blocks[:layers])
+            nn.init.normal_(self.frame_position_embeddings.weight, std=0.02)
+            if init.positional_embedding is not None:
+                n = min(max_positions, init.positional_embedding.shape[0])
+                with torch.no_grad():
+                    self.frame_position_embeddings.weight[:n].copy_(init.positional_embedding[:n])
+            self.init_source = f"first {layers} blocks of {init.source}"
+
+    def forward(self, frames: Tensor, mask: Tensor) -> Tensor:
+        v, t, _ = frames.shape
+        if t > self.frame_position_embeddings.num_embeddings:
+            raise ValueError(f"seqTransf holds {self.frame_position_embeddings.num_embeddings} positions; got T={t}")
+        x = frames + self.frame_position_embeddings.weight[:t]  # (V, T, D) + (T, D)
+        heads = self.blocks[0].attn.num_heads
+        bias = (~mask).to(frames.dtype) * MASK_BIAS  # (V, T): -1e6 on padded keys
+        attn_mask = bias[:, None, :].expand(v, t, t).repeat_interleave(heads, dim=0)  # (V*heads, T, T)
+        batch_first = self.blocks[0].attn.batch_first
+        x = x if batch_first else x.transpose(0, 1)
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask)
+        x = x if batch_first else x.transpose(0, 1)
+        return x + frames  # residual to the input frames
+
+
+def _clip4clip_init(module: nn.Module) -> None:
+    """CLIP4Clip ``init_weights``: Linear/Embedding weights N(0, 0.02), Linear biases 0."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+class TitleFusion(nn.Module):
+    """MBVR fusion of a video's text side (title) and its vision: ``F_m`` (B, D).
+
+    ``F_m = normalise(F_v + F_t + W [F_v; F_t])`` with ``F_v`` (B, D) the normalised vision
+    embedding, ``F_t`` (B, D) the normalised title embedding (zero where the title is
+    absent) and ``W`` a ``Linear(2D, D)`` initialised to zero: training starts from the
+    normalised sum and learns how much of each modality to keep. MBVR's own fusion is
+    not public (papers.md §(c)); this is our choice.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mix = nn.Linear(2 * dim, dim)
+        nn.init.zeros_(self.mix.weight)
+        nn.init.zeros_(self.mix.bias)
+
+    def forward(self, vision: Tensor, title: Tensor) -> Tensor:
+        return F.normalize(vision + title + self.mix(torch.cat([vision, title], dim=-1)), dim=-1)
+
+
+def r_vt(vision: Tensor, title: Tensor, fused: Tensor) -> Tensor:
+    """MBVR's diagnostic ``R_vt = cos(F_v, F_m) / cos(F_t, F_m)`` per video -> (V,).
+
+    Above 1: the fused embedding follows vision more than the title text.
+
+    Example:
+        >>> v, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+        >>> r_vt(v, t, F.normalize(v + t, dim=-1))
+        tensor([1.0000])
+    """
+    cos_v = F.cosine_similarity(vision, fused, dim=-1)
+    cos_t = F.cosine_similarity(title, fused, dim=-1)
+    return cos_v / cos_t
+
+
+class RetrievalModel(nn.Module):
+    """Text adapter + video head (+ MBVR fusion) (+ EMCL) (+ CLIP towers in end-to-end mode).
+
+    ``similarity(text, video, mask) -> (N_text, N_video)`` cosine scores. With EMCL the
+    scores of each ``emcl_block x emcl_block`` block of (texts, videos) are computed on
+    ``EMCL([videos of the block; texts of the block])``, as EMCL-Net evaluates (so a
+    pair's score depends on its block, papers.md pitfall 4). EMCL as an inference-only
+    module (EMCL-Net's CLIP2Video variant): assign ``model.emcl = EMCL(...)`` to a trained
+    model and call ``model.eval()``. ``clip`` holds the open_clip towers in end-to-end mode
+    (parameter names ``clip.*`` train at ``lr * coef_lr``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        head: str = "meanP",
+        use_title: bool = False,
+        emcl: EMCL | None = None,
+        emcl_block: int = 32,
+        seq_layers: int = 4,
+        seq_init: SeqInit | None = None,
+    ) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
+        if use_title and emcl is not None:
+            raise ValueError("use_title and EMCL together are not supported: EMCL-Net has no title modality")
+        self.dim, self.head_name, self.use_title, self.emcl_block = dim, head, use_title, emcl_block
+        self.text_adapter = identity_adapter(dim)
+        self.video_adapter = identity_adapter(dim)
+        self.temporal = MeanP() if head == "meanP" else SeqTransf(dim, seq_layers, init=seq_init)
+        self.title_adapter = identity_adapter(dim) if use_title else None
+        self.fusion = TitleFusion(dim) if use_title else None
+        self.emcl = emcl
+        self.clip: nn.Module | None = None  # open_clip towers, end-to-end mode only
+
+    # ---------------------------------------------------------------- per-modality encoders
+    def encode_text(self, text: Tensor) -> Tensor:
+        """Adapted caption features (N, D), not normalised."""
+        return self.text_adapter(text)
+
+    def encode_video(self, video: Tensor, mask: Tensor) -> Tensor:
+        """The video side fed to the similarity (V, D).
+
+        meanP pooling (normalised) of the head's frames; with EMCL, the **un-normalised**
+        masked mean of the head's frames (EMCL-Net feeds raw pooled features to EMCL).
+        """
+        frames = self.temporal(self.video_adapter(video), mask)  # (V, T, D)
+        return masked_mean(frames, mask) if self.emcl is not None else mean_pool(frames, mask)
+
+    def encode_title(self, title: Tensor, present: Tensor) -> Tensor:
+        """Normalised title embeddings ``F_t`` (V, D), zero rows where no title exists."""
+        return F.normalize(self.title_adapter(title), dim=-1) * present.to(title.dtype)[:, None]
+
+    def video_embedding(self, vision: Tensor, title: Tensor | None = None, modality: str = "fused") -> Tensor:
+        """The normalised embedding a query is compared with: vision ``F_v``, title ``F_t`` or fused ``F_m``."""
+        if not self.use_title or modality == "vision":
+            return F.normalize(vision, dim=-1)
+        if modality == "title":
+            return title
+        if modality != "fused":
+            raise ValueError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
+        return self.fusion(vision, title)
+
+    # ---------------------------------------------------------------- scores
+    def scores(self, text: Tensor, vision: Tensor, title: Tensor | None = None, modality: str = "fused") -> Tensor:
+        """Cosine scores (N, V) from encoded text (N, D) and encoded video (V, D) of one batch/block.
+
+        With EMCL, ``Y = EMCL([vision; text])`` on this batch, then cosines of the rows of Y.
+        """
+        if self.emcl is not None:
+            y = self.emcl(torch.cat([vision, text], dim=0))  # (V + N, D): EMCL-Net's stacking
+            vision, text = y[: len(vision)], y[len(vision):]
+        video = self.video_embedding(vision, title, modality)
+        return F.normalize(text, dim=-1) @ F.normalize(video, dim=-1).T
+
+    def similarity(
+        self,
+        text: Tensor,
+        video: Tensor,
+        mask: Tensor,
+        title: Tensor | None = None,
+        title_present: Tensor | None = None,
+        modality: str = "fused",
+        chunk: int = 1024,
+    ) -> Tensor:
+        """Cosine similarity (N_text, N_video) of caption features and video features.
+
+        Features are encoded in chunks of ``chunk`` rows; call under ``torch.no_grad()``
+        and ``eval()`` for evaluation (EMCL updates its bases in train mode).
+        """
+        if self.use_title and (title is None or title_present is None):
+            raise ValueError("this model fuses titles: pass title (V, D) and title_present (V,)")
+        t = torch.cat([self.encode_text(text[i:i + chunk]) for i in range(0, len(text), chunk)])
+        v = torch.cat([self.encode_video(video[i:i + chunk], mask[i:i + chunk]) for i in range(0, len(video), chunk)])
+        ft = self.encode_title(title, title_present) if self.use_title else None
+        if self.emcl is None:
+            return self.scores(t, v, ft, modality)
+        b = self.emcl_block
+        rows = []
+        for i in range(0, len(t), b):
+            rows.append(torch.cat([self.scores(t[i:i + b], v[j:j + b]) for j in range(0, len(v), b)], dim=1))
+        return torch.cat(rows, dim=0)
+
+    def modalities(self, video: Tensor, mask: Tensor, title: Tensor, title_present: Tensor) -> dict[str, Tensor]:
+        """MBVR's three video embeddings, normalised (V, D) each: ``vision``, ``title``, ``fused``."""
+        vision = F.normalize(self.encode_video(video, mask), dim=-1)
+        ft = self.encode_title(title, title_present)
+        return {"vision": vision, "title": ft, "fused": self.fusion(vision, ft)}

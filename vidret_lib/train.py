@@ -1,0 +1,640 @@
+"""One trainer for every paper: the CLIP4Clip recipe with one piece changed by an argument.
+
+``train(TrainConfig(...), train_split, val_split)`` trains a :class:`~vidret_lib.heads.RetrievalModel`:
+
+- **inputs**: frozen-feature mode takes :class:`FeatureSplit` (cached per-frame and per-caption
+  features); end-to-end mode takes :class:`RawSplit` (frames + sentences) and an encoder, and
+  trains the open_clip towers too, at ``lr * coef_lr`` (CLIP4Clip: 1e-4 * 1e-3 = 1e-7);
+- **batches**: ``sampling="video"`` (CLIP4Clip): each epoch visits every video once, with one
+  of its captions drawn at random, in batches of ``batch_size`` (last partial batch dropped,
+  as CLIP4Clip's ``drop_last=True``); ``sampling="caption"`` visits every caption once (VSE++ /
+  CLIP4Clip ``--expand_msrvtt_sentences``), so a batch can hold two captions of one video;
+- **false negatives** (papers.md pitfall 9): an off-diagonal pair (i, j) of a batch is a false
+  negative when caption i and caption j belong to the same video (possible only with
+  ``sampling="caption"``) or are the same sentence (identical caption features; MSR-VTT has
+  repeated generic captions). ``false_negatives="mask"`` sets their cosine to ``MASK_COS``
+  (-1e4) before the loss: this removes them exactly from InfoNCE (``exp(-1e6) = 0``) and from
+  every VSE++ hinge; under CAMoE's DSL the prior turns them into a logit of 0 (small next to
+  positives near ``100 * cos``), not an exact removal. ``"keep"`` leaves them as negatives;
+- **loss by name** (:data:`LOSSES`), with its options; MBVR (``use_title``) trains
+  ``L = base(S_qm) + alpha base(S_qv) + beta base(S_qt) [+ gamma L_ms]`` where base is the named
+  loss (infonce for ``"modality_shuffle"``) on query x fused / vision-only / title-only scores.
+  ``base`` is symmetric and *averages* the two directions, so the paper's
+  ``L_bi = L_qm + L_mq`` is 2x ours (absorbed by the weights);
+- **optimizer**: CLIP4Clip's BertAdam (or torch AdamW) with its four parameter groups, the
+  warmup-cosine schedule over ``steps_per_epoch * epochs`` steps, a global gradient clip
+  (``grad_clip_norm``, CLIP4Clip's training loop) and BertAdam's per-tensor clip;
+- **checkpoint choice**: ``select="val"`` keeps the epoch with the best validation t2v R@1
+  (ties go to the later epoch, as CLIP4Clip's ``best_score <= R1``); ``"last"`` keeps the last.
+  Selecting on test is refused. Both the selected and the last weights are returned;
+- **multi-process**: under ``torchrun --nproc_per_node N`` each process takes a slice of every
+  global batch and the loss is computed on gathered embeddings with exact gradients
+  (:mod:`vidret_lib.distributed`);
+- **determinism**: the same seed gives the same history and metrics on CPU.
+
+The logit scale is fixed at ``logit_scale`` (CLIP's learned value trains at lr 1e-7 and stays
+at 100, papers.md §0). :func:`evaluate` scores both directions with
+:func:`vidret_lib.metrics.both_directions`, optionally re-ranked by DSL (transductive) or
+QB-Norm with a querybank of training queries (:func:`vidret_lib.rerank.qb_norm_rerank`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import distributed as dist_utils
+from .emcl import EMCL
+from .heads import HEADS, MODALITIES, RetrievalModel, clip_text_init
+from .losses import dual_softmax_loss, dual_softmax_rerank, infonce_loss, modality_shuffle_loss, vsepp_loss
+from .metrics import both_directions
+from .optim import OPTIMIZERS, make_optimizer, param_groups
+from .rerank import qb_norm_rerank
+from .runinfo import seed_everything
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "LOSSES",
+    "RERANKS",
+    "MASK_COS",
+    "FeatureSplit",
+    "RawSplit",
+    "TrainConfig",
+    "TrainResult",
+    "build_model",
+    "compute_loss",
+    "false_negative_mask",
+    "train",
+    "evaluate",
+]
+
+LOSSES = ("infonce", "vsepp", "dsl", "modality_shuffle")
+RERANKS = ("none", "dsl", "qb_norm")
+MODES = ("frozen", "end_to_end")
+SAMPLINGS = ("video", "caption")
+FALSE_NEGATIVES = ("mask", "keep")
+SELECTS = ("val", "last")
+MASK_COS = -1e4  # cosine given to masked false-negative pairs
+
+
+# ==================================================================== inputs
+@dataclass
+class FeatureSplit:
+    """Cached features of one split (frozen-feature mode).
+
+    ``text`` (N, D) caption features; ``video`` (V, T, D) per-frame features with ``mask``
+    (V, T) bool (False = padded frame); ``caption_video`` (N,) int64: caption i describes
+    video ``caption_video[i]`` (``vidret_lib.datasets.Split.caption_video``). For MBVR,
+    ``title`` (V, D) features of each video's text side and ``title_present`` (V,) bool.
+    NumPy inputs are converted to tensors (features float32).
+
+    Example:
+        >>> s = FeatureSplit(np.zeros((3, 4)), np.zeros((2, 5, 4)), np.ones((2, 5), bool), [0, 0, 1])
+        >>> s.num_texts, s.num_videos, s.dim
+        (3, 2, 4)
+    """
+
+    text: Tensor
+    video: Tensor
+    mask: Tensor
+    caption_video: Tensor
+    title: Tensor | None = None
+    title_present: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.text = _tensor(self.text).float()
+        self.video = _tensor(self.video).float()
+        self.mask = _tensor(self.mask).bool()
+        self.caption_video = _tensor(self.caption_video).long()
+        if self.text.ndim != 2 or self.video.ndim != 3 or self.video.shape[2] != self.text.shape[1]:
+            raise ValueError(
+                f"FeatureSplit needs text (N, D) and video (V, T, D) with the same D; got text "
+                f"{tuple(self.text.shape)}, video {tuple(self.video.shape)}"
+            )
+        (n, d), (v, t) = self.text.shape, self.video.shape[:2]
+        if tuple(self.mask.shape) != (v, t):
+            raise ValueError(f"mask must be (V, T) = ({v}, {t}); got {tuple(self.mask.shape)}")
+        if tuple(self.caption_video.shape) != (n,):
+            raise ValueError(f"caption_video must be (N,) = ({n},); got {tuple(self.caption_video.shape)}")
+        if n and (self.caption_video.min() < 0 or self.caption_video.max() >= v):
+            raise ValueError(f"caption_video holds indices outside [0, {v}): it must index the split's videos")
+        if (self.title is None) != (self.title_present is None):
+            raise ValueError("pass both title (V, D) and title_present (V,), or neither")
+        if self.title is not None:
+            self.title = _tensor(self.title).float()
+            self.title_present = _tensor(self.title_present).bool()
+            if tuple(self.title.shape) != (v, d) or tuple(self.title_present.shape) != (v,):
+                raise ValueError(
+                    f"title must be (V, D) = ({v}, {d}) and title_present (V,); got "
+                    f"{tuple(self.title.shape)} and {tuple(self.title_present.shape)}"
+                )
+
+    @property
+    def num_texts(self) -> int:
+        return self.text.shape[0]
+
+    @property
+    def num_videos(self) -> int:
+        return self.video.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.text.shape[1]
+
+    def to(self, device: str | torch.device) -> "FeatureSplit":
+        """A copy with every tensor on ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return FeatureSplit(**{k: (None if x is None else x.to(device)) for k, x in moved.items()})
+
+
+@dataclass
+class RawSplit:
+    """Raw inputs of one split (end-to-end mode).
+
+    ``load_video(i)`` returns video i's frames uint8 (T, H, W, 3) and mask bool (T,) (e.g. from
+    the frame cache of ``vidret_lib.frames``); ``sentences`` (N,) and ``caption_video`` (N,)
+    as in :class:`FeatureSplit`.
+    """
+
+    load_video: Callable[[int], tuple[np.ndarray, np.ndarray]]
+    sentences: Sequence[str]
+    caption_video: Tensor
+    num_videos: int
+
+    def __post_init__(self) -> None:
+        self.caption_video = _tensor(self.caption_video).long()
+        if len(self.sentences) != len(self.caption_video):
+            raise ValueError(f"{len(self.sentences)} sentences but {len(self.caption_video)} caption_video entries")
+        if len(self.caption_video) and int(self.caption_video.max()) >= self.num_videos:
+            raise ValueError(f"caption_video holds indices outside [0, {self.num_videos})")
+
+    @property
+    def num_texts(self) -> int:
+        return len(self.sentences)
+
+    @classmethod
+    def from_frame_cache(cls, frame_cache, split) -> "RawSplit":
+        """A dataset split (``vidret_lib.datasets.Split``) read from a frame cache.
+
+        ``frame_cache.load(video_id)`` returns ``(frames, mask)`` (``vidret_lib.frame_cache``).
+        """
+        return cls(lambda i: frame_cache.load(split.video_ids[i]), list(split.sentences),
+                   split.caption_video, len(split.video_ids))
+
+
+def _tensor(x) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+
+
+# ==================================================================== config
+@dataclass
+class TrainConfig:
+    """Every switch of a training run (typed literals; defaults = CLIP4Clip's MSR-VTT recipe).
+
+    Loss options: ``margin``/``max_violation``/``vsepp_reduction`` (VSE++), ``dsl_temp`` (DSL
+    training temperature on ``logit_scale * cos``), ``ms_temp``/``ms_margin`` (MBVR L_ms; with
+    ``ms_dynamic_margin`` the margin of query b is ``ms_margin * (1 - cos(F_v_b, F_v_shuffled))``,
+    larger for visually different negatives -- our explicit stand-in for MBVR's unpublished
+    dynamic margin), ``alpha``/``beta``/``gamma`` (MBVR weights of L_v, L_t, L_ms).
+    """
+
+    loss: str = "infonce"
+    logit_scale: float = 100.0
+    margin: float = 0.2
+    max_violation: bool = True
+    vsepp_reduction: str = "sum"
+    dsl_temp: float = 1000.0
+    ms_temp: float = 0.05
+    ms_margin: float = 0.0
+    ms_dynamic_margin: bool = False
+    alpha: float = 0.0
+    beta: float = 0.0
+    gamma: float = 1.0
+    head: str = "meanP"
+    seq_layers: int = 4
+    use_title: bool = False
+    emcl: bool = False
+    emcl_k: int = 32
+    emcl_stage_num: int = 9
+    emcl_momentum: float = 0.9
+    emcl_lamd: float = 1.0
+    emcl_beta: float = 3.0
+    emcl_eval_block: int = 32
+    mode: str = "frozen"
+    optimizer: str = "bert_adam"
+    lr: float = 1e-4
+    coef_lr: float = 1e-3
+    weight_decay: float = 0.2
+    warmup: float = 0.1
+    grad_clip_norm: float = 1.0
+    max_grad_norm: float = 1.0
+    epochs: int = 5
+    batch_size: int = 128
+    sampling: str = "video"
+    false_negatives: str = "mask"
+    select: str = "val"
+    eval_every: int = 1
+    seed: int = 42
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad field and its valid values.
+
+        Example:
+            >>> TrainConfig(loss="triplet").validate()
+            Traceback (most recent call last):
+            ...
+            ValueError: unknown loss 'triplet'; valid losses: ('infonce', 'vsepp', 'dsl', 'modality_shuffle')
+        """
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; valid losses: {LOSSES}")
+        if self.select == "test":
+            raise ValueError(
+                "select='test' is refused: choosing a checkpoint on the test split inflates test numbers "
+                "(papers.md pitfall 1). Use select='val' with a validation split, or select='last'"
+            )
+        for name, value, valid in [
+            ("head", self.head, HEADS), ("mode", self.mode, MODES), ("optimizer", self.optimizer, OPTIMIZERS),
+            ("sampling", self.sampling, SAMPLINGS), ("false_negatives", self.false_negatives, FALSE_NEGATIVES),
+            ("select", self.select, SELECTS), ("vsepp_reduction", self.vsepp_reduction, ("sum", "mean")),
+        ]:
+            if value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; valid values: {valid}")
+        if self.loss == "modality_shuffle" and not self.use_title:
+            raise ValueError("loss='modality_shuffle' shuffles vision against the title: set use_title=True")
+        if self.use_title and self.emcl:
+            raise ValueError("use_title and emcl together are not supported")
+        if self.use_title and self.mode == "end_to_end":
+            raise ValueError("use_title is available in frozen-feature mode only")
+        if self.epochs < 1 or self.batch_size < 2 or self.eval_every < 1:
+            raise ValueError(
+                f"need epochs >= 1, batch_size >= 2, eval_every >= 1; got {self.epochs}, "
+                f"{self.batch_size}, {self.eval_every}"
+            )
+
+
+# ==================================================================== model and loss
+def build_model(config: TrainConfig, dim: int, encoder=None) -> RetrievalModel:
+    """The model ``config`` describes, seeded by ``config.seed``.
+
+    With an encoder, seqTransf is initialised from its text transformer when compatible
+    (:func:`vidret_lib.heads.clip_text_init`), and in end-to-end mode its towers become
+    ``model.clip`` (trainable, ``lr * coef_lr``).
+    """
+    config.validate()
+    seed_everything(config.seed)
+    emcl = None
+    if config.emcl:
+        emcl = EMCL(config.emcl_k, config.emcl_stage_num, config.emcl_momentum, config.emcl_lamd, config.emcl_beta)
+    seq_init = clip_text_init(encoder, dim, config.seq_layers) if encoder is not None and config.head == "seqTransf" else None
+    model = RetrievalModel(dim, config.head, config.use_title, emcl, config.emcl_eval_block, config.seq_layers, seq_init)
+    if config.mode == "end_to_end":
+        if encoder is None:
+            raise ValueError("mode='end_to_end' trains the encoder's towers: pass encoder=load_encoder(...)")
+        model.clip = copy.deepcopy(encoder.model)  # train a copy; the caller's encoder is untouched
+        model.raw_encoder = encoder  # for preprocess_frames / tokenize only
+    return model.to(config.device)
+
+
+def _base_loss(config: TrainConfig, sim: Tensor) -> Tensor:
+    """The named loss on a square cosine matrix (infonce for 'modality_shuffle')."""
+    if config.loss in ("infonce", "modality_shuffle"):
+        return infonce_loss(sim, config.logit_scale)
+    if config.loss == "vsepp":
+        return vsepp_loss(sim, config.margin, config.max_violation, config.vsepp_reduction)
+    scaled = config.logit_scale * sim  # DSL takes logit-scaled scores; symmetric use
+    return (dual_softmax_loss(scaled, config.dsl_temp) + dual_softmax_loss(scaled.T, config.dsl_temp)) / 2
+
+
+def false_negative_mask(video_ids: Tensor, sentence_ids: Tensor) -> Tensor:
+    """(B, B) bool: off-diagonal pairs sharing a video or a sentence (see the module docstring).
+
+    Example:
+        >>> false_negative_mask(torch.tensor([0, 0, 1]), torch.tensor([5, 6, 5])).int().tolist()
+        [[0, 1, 1], [1, 0, 0], [1, 0, 0]]
+    """
+    same = (video_ids[:, None] == video_ids[None, :]) | (sentence_ids[:, None] == sentence_ids[None, :])
+    return same & ~torch.eye(len(video_ids), dtype=torch.bool, device=video_ids.device)
+
+
+def compute_loss(
+    config: TrainConfig,
+    model: RetrievalModel,
+    text: Tensor,
+    vision: Tensor,
+    fn_mask: Tensor | None,
+    title: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The training loss of one (gathered) global batch.
+
+    ``text`` (B, D) and ``vision`` (B, D) from :meth:`RetrievalModel.encode_text` /
+    :meth:`~RetrievalModel.encode_video`; ``title`` (B, D) from ``encode_title`` for MBVR;
+    ``fn_mask`` (B, B) false negatives to mask (or None). ``generator`` draws the MBVR shuffle.
+    """
+    def masked(sim: Tensor) -> Tensor:
+        return sim if fn_mask is None else sim.masked_fill(fn_mask, MASK_COS)
+
+    if not config.use_title:
+        return _base_loss(config, masked(model.scores(text, vision)))
+    q = F.normalize(text, dim=-1)  # (B, D) queries
+    f_v = F.normalize(vision, dim=-1)  # (B, D) vision-only F_v
+    f_m = model.fusion(f_v, title)  # (B, D) fused F_m
+    loss = _base_loss(config, masked(q @ f_m.T))  # L_bi: query <-> fused
+    if config.alpha:
+        loss = loss + config.alpha * _base_loss(config, masked(q @ f_v.T))  # L_v: query <-> vision only
+    if config.beta:
+        loss = loss + config.beta * _base_loss(config, masked(q @ title.T))  # L_t: query <-> title only
+    if config.loss == "modality_shuffle":
+        b = len(q)
+        perm = torch.randperm(b, generator=generator).to(q.device)
+        shuffled = torch.empty_like(perm)
+        shuffled[perm] = perm.roll(1)  # a derangement: every row gets another row's vision
+        f_ms = model.fusion(f_v[shuffled], title)  # (B, D): own title, wrong vision
+        margin = config.ms_margin
+        if config.ms_dynamic_margin:
+            margin = config.ms_margin * (1 - (f_v * f_v[shuffled]).sum(-1)).detach()  # (B,)
+        loss = loss + config.gamma * modality_shuffle_loss(q, f_m, f_ms, config.ms_temp, margin)
+    return loss
+
+
+# ==================================================================== batches
+def _epoch_batches(
+    caption_video: Tensor, num_videos: int, config: TrainConfig, generator: torch.Generator
+) -> list[tuple[Tensor, Tensor]]:
+    """(caption indices (B,), video indices (B,)) of each global batch of one epoch."""
+    if config.sampling == "video":
+        videos = torch.randperm(num_videos, generator=generator)
+        order = torch.argsort(caption_video, stable=True)  # captions grouped by video
+        counts = torch.bincount(caption_video, minlength=num_videos)
+        if (counts == 0).any():
+            raise ValueError(f"video {int(torch.nonzero(counts == 0)[0])} has no caption; drop it from the split")
+        starts = torch.cumsum(counts, 0) - counts
+        pick = (torch.rand(num_videos, generator=generator) * counts[videos]).long()  # one caption per video
+        captions = order[starts[videos] + pick]
+    else:
+        captions = torch.randperm(len(caption_video), generator=generator)
+        videos = caption_video[captions]
+    size = min(config.batch_size, len(captions))
+    n = len(captions) // size  # drop_last, as CLIP4Clip
+    return [(captions[i * size:(i + 1) * size], videos[i * size:(i + 1) * size]) for i in range(n)]
+
+
+def _progress(iterable, **kw):
+    disable = os.environ.get("VIDRET_PROGRESS", "1") == "0" or not sys.stderr.isatty()
+    return tqdm(iterable, disable=disable, **kw)
+
+
+# ==================================================================== end-to-end encoding
+def _tower_text(model: RetrievalModel, sentences: Sequence[str], device) -> Tensor:
+    """Text tower output (B, D) for a list of sentences."""
+    return model.clip.encode_text(model.raw_encoder.tokenize(list(sentences)).to(device)).float()
+
+
+def _tower_video(model: RetrievalModel, split: RawSplit, videos: Tensor, device) -> tuple[Tensor, Tensor]:
+    """Image tower output per frame (B, T, D) (padded frames zero, not encoded) and mask (B, T)."""
+    loaded = [split.load_video(int(v)) for v in videos]
+    frames = np.stack([f for f, _ in loaded])  # (B, T, H, W, 3) uint8
+    mask_np = np.stack([np.asarray(m, dtype=bool) for _, m in loaded])  # (B, T)
+    pixels = model.raw_encoder.preprocess_frames(frames[mask_np]).to(device)  # valid frames only
+    feats = model.clip.encode_image(pixels).float()  # (n_valid, D)
+    mask = torch.as_tensor(mask_np, device=device)
+    video = feats.new_zeros(*mask.shape, feats.shape[-1])
+    video[mask] = feats
+    return video, mask
+
+
+@torch.no_grad()
+def featurize(model: RetrievalModel, split: RawSplit, batch: int = 32) -> FeatureSplit:
+    """Encode a :class:`RawSplit` with the model's current towers (eval mode) into a :class:`FeatureSplit`."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    text = [_tower_text(model, split.sentences[i:i + batch], device) for i in range(0, split.num_texts, batch)]
+    videos, masks = zip(*[
+        _tower_video(model, split, torch.arange(i, min(i + batch, split.num_videos)), device)
+        for i in range(0, split.num_videos, batch)
+    ])
+    model.train(was_training)
+    return FeatureSplit(torch.cat(text), torch.cat(videos), torch.cat(masks), split.caption_video.to(device))
+
+
+def _encode_batch(model: RetrievalModel, split, captions: Tensor, videos: Tensor) -> tuple:
+    """Encoded (text (b, D), vision (b, D), title (b, D) or None) of a local batch, with gradients."""
+    if isinstance(split, RawSplit):
+        device = next(model.parameters()).device
+        frames, mask = _tower_video(model, split, videos, device)
+        text = _tower_text(model, [split.sentences[int(i)] for i in captions], device)
+        return model.encode_text(text), model.encode_video(frames, mask), None
+    captions, videos = captions.to(split.text.device), videos.to(split.text.device)
+    text = model.encode_text(split.text[captions])
+    vision = model.encode_video(split.video[videos], split.mask[videos])
+    title = model.encode_title(split.title[videos], split.title_present[videos]) if model.use_title else None
+    return text, vision, title
+
+
+def _sentence_ids(split) -> Tensor:
+    """(N,) id of each caption's sentence: equal ids = identical captions."""
+    if isinstance(split, RawSplit):
+        index: dict[str, int] = {}
+        return torch.tensor([index.setdefault(s, len(index)) for s in split.sentences])
+    return torch.unique(split.text.cpu(), dim=0, return_inverse=True)[1]  # identical features
+
+
+# ==================================================================== training
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    ``model`` carries the selected weights (eval mode); ``selected_state`` / ``last_state``
+    are CPU state dicts of the chosen and the last epoch, so a notebook can report the
+    fixed-last-epoch number beside the selected one (:meth:`model_at`). ``history`` has one
+    dict per epoch: ``epoch``, ``loss`` (mean over steps), ``lr``, ``seconds``, ``steps``
+    and ``val`` (``{"t2v": .., "v2t": ..}`` or None when not evaluated).
+    """
+
+    model: RetrievalModel
+    history: list[dict]
+    chosen_epoch: int
+    selected_state: dict
+    last_state: dict
+    config: TrainConfig
+
+    def model_at(self, which: str = "selected") -> RetrievalModel:
+        """A copy of the model with the ``"selected"`` or ``"last"`` weights."""
+        states = {"selected": self.selected_state, "last": self.last_state}
+        if which not in states:
+            raise ValueError(f"which must be 'selected' or 'last'; got {which!r}")
+        keep = getattr(self.model, "raw_encoder", None)
+        model = copy.deepcopy(self.model, memo={id(keep): keep} if keep is not None else None)
+        model.load_state_dict(states[which])
+        return model.eval()
+
+
+def _snapshot(model: RetrievalModel) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _current_lr(optimizer) -> float:
+    if hasattr(optimizer, "get_lr"):
+        return max(optimizer.get_lr())
+    return max(g["lr"] for g in optimizer.param_groups)
+
+
+def _device(config: TrainConfig, world: int) -> torch.device:
+    device = torch.device(config.device)
+    if device.type == "cuda" and world > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def train(config: TrainConfig, train: FeatureSplit | RawSplit, val: FeatureSplit | RawSplit | None = None,
+          encoder=None) -> TrainResult:
+    """Train a retrieval model as ``config`` says; see the module docstring.
+
+    Frozen mode: ``train``/``val`` are :class:`FeatureSplit`; ``encoder`` (optional) only
+    initialises seqTransf from CLIP's text transformer. End-to-end mode: :class:`RawSplit` and a
+    required encoder (``vidret_lib.encoders.load_encoder``) whose towers are copied and trained.
+    Under ``torchrun`` every process must call this with the same arguments; the process group
+    it joins stays open (call ``torch.distributed.destroy_process_group()`` at the end).
+    """
+    config.validate()
+    if config.select == "val" and val is None:
+        raise ValueError("select='val' needs a validation split: pass val=..., or set select='last'")
+    expected = FeatureSplit if config.mode == "frozen" else RawSplit
+    for name, split in (("train", train), ("val", val)):
+        if split is not None and not isinstance(split, expected):
+            raise TypeError(f"mode={config.mode!r} takes {expected.__name__} inputs; {name} is {type(split).__name__}")
+    if config.use_title and train.title is None:
+        raise ValueError("use_title=True needs FeatureSplit.title and title_present for the training split")
+    rank, world = dist_utils.init_from_env(config.device)
+    device = _device(config, world)
+    config = dataclasses.replace(config, device=str(device))
+    if config.mode == "frozen":
+        train, val = train.to(device), (val.to(device) if val is not None else None)
+        dim = train.dim
+    else:
+        if encoder is None:
+            raise ValueError("mode='end_to_end' needs encoder=load_encoder(...)")
+        dim = encoder.embed_dim
+    model = build_model(config, dim, encoder)
+    dist_utils.broadcast_parameters(model)
+    generator = torch.Generator().manual_seed(config.seed)
+    sentence_ids = _sentence_ids(train)
+    caption_video = train.caption_video.cpu()
+    n_items = train.num_videos if config.sampling == "video" else train.num_texts
+    size = min(config.batch_size, n_items)
+    if size % world:
+        raise ValueError(f"batch of {size} cannot be split over {world} processes; make batch_size divisible by it")
+    steps_per_epoch = n_items // size
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(
+        config.optimizer, param_groups(model, config.lr, config.coef_lr, config.weight_decay),
+        config.lr, config.warmup, steps_per_epoch * config.epochs, config.weight_decay, config.max_grad_norm,
+    )
+    history: list[dict] = []
+    best: tuple[float, int, dict] | None = None
+    for epoch in _progress(range(1, config.epochs + 1), desc="epochs"):
+        model.train()
+        start, losses = time.perf_counter(), []
+        for captions, videos in _epoch_batches(caption_video, train.num_videos, config, generator):
+            text, vision, title = _encode_batch(
+                model, train, dist_utils.shard(captions, rank, world), dist_utils.shard(videos, rank, world)
+            )
+            text, vision = dist_utils.gather(text), dist_utils.gather(vision)
+            title = dist_utils.gather(title) if title is not None else None
+            fn_mask = None
+            if config.false_negatives == "mask":
+                fn_mask = false_negative_mask(videos, sentence_ids[captions]).to(text.device)
+            loss = compute_loss(config, model, text, vision, fn_mask, title, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            dist_utils.average_gradients(params)
+            if config.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)  # CLIP4Clip train_epoch
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(loss.item())
+        record = {
+            "epoch": epoch, "loss": float(np.mean(losses)), "lr": _current_lr(optimizer),
+            "seconds": time.perf_counter() - start, "steps": len(losses), "val": None,
+        }
+        if val is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
+            record["val"] = evaluate(model, val)
+            score = record["val"]["t2v"]["R1"]
+            if config.select == "val" and (best is None or score >= best[0]):
+                best = (score, epoch, _snapshot(model))
+        history.append(record)
+    last_state = _snapshot(model)
+    chosen_epoch, selected_state = (best[1], best[2]) if config.select == "val" else (config.epochs, last_state)
+    model.load_state_dict(selected_state)
+    return TrainResult(model.eval(), history, chosen_epoch, selected_state, last_state, config)
+
+
+# ==================================================================== evaluation
+@torch.no_grad()
+def _similarity(model: RetrievalModel, text: Tensor, videos: FeatureSplit, modality: str) -> Tensor:
+    return model.similarity(text, videos.video, videos.mask, videos.title, videos.title_present, modality)
+
+
+@torch.no_grad()
+def evaluate(
+    model: RetrievalModel,
+    split: FeatureSplit | RawSplit,
+    rerank: str = "none",
+    prior: FeatureSplit | RawSplit | None = None,
+    modality: str = "fused",
+    logit_scale: float = 100.0,
+    dsl_temp: float = 1.0,
+    qb_beta: float = 20.0,
+    qb_k: int = 1,
+) -> dict:
+    """R@1/5/10, MdR, MnR of both directions on ``split``: ``{"t2v": {...}, "v2t": {...}}``.
+
+    ``rerank``: ``"none"``; ``"dsl"``, the inverted softmax on ``logit_scale * cos`` at
+    ``dsl_temp`` (CAMoE#4's temperature 1 = EMCL-Net's 0.01 on raw cosines), computed over the
+    whole test matrix -- **transductive**; ``"qb_norm"``, QB-Norm with a querybank from
+    ``prior`` (the *training* split): its captions for t2v, its videos for v2t (beta, k as the
+    repository's defaults). ``modality`` picks MBVR's ``"fused"``, ``"vision"`` or ``"title"``
+    video embedding. Several captions per video are handled by ``caption_video``.
+    """
+    if rerank not in RERANKS:
+        raise ValueError(f"unknown rerank {rerank!r}; valid values: {RERANKS}")
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; valid values: {MODALITIES}")
+    if rerank == "qb_norm" and prior is None:
+        raise ValueError("rerank='qb_norm' needs prior=<training split> for its querybank (never the test split)")
+    was_training = model.training
+    model.eval()
+    split = featurize(model, split) if isinstance(split, RawSplit) else split
+    sim = _similarity(model, split.text, split, modality)  # (N_text, N_video) cosine
+    cv = split.caption_video
+    if rerank == "none":
+        out = both_directions(sim, cv)
+    elif rerank == "dsl":
+        scaled = logit_scale * sim
+        out = {
+            "t2v": both_directions(dual_softmax_rerank(scaled, dsl_temp, "t2v"), cv)["t2v"],
+            "v2t": both_directions(dual_softmax_rerank(scaled, dsl_temp, "v2t"), cv)["v2t"],
+        }
+    else:
+        prior = featurize(model, prior) if isinstance(prior, RawSplit) else prior
+        bank_t2v = _similarity(model, prior.text, split, modality)  # (N_train, V): training captions x test videos
+        bank_v2t = _similarity(model, split.text, prior, modality).T  # (V_train, N): training videos x test captions
+        out = {
+            "t2v": both_directions(qb_norm_rerank(sim, bank_t2v, qb_beta, qb_k), cv)["t2v"],
+            "v2t": both_directions(qb_norm_rerank(sim.T, bank_v2t, qb_beta, qb_k).T, cv)["v2t"],
+        }
+    model.train(was_training)
+    return out
