@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pooch
-from tqdm import tqdm
 
 from vidret_lib.cache import atomic_write
+from vidret_lib.progress import progress, progress_disabled
 
 Downloader = Callable[[str, str, object], None]  # pooch's downloader protocol: (url, output_file, pooch)
 
@@ -42,11 +41,6 @@ class Archive:
 
     url: str
     sha256: str | None = None
-
-
-def progress_disabled() -> bool:
-    """True when progress bars must stay quiet (not a terminal, or ``VIDRET_PROGRESS=0``)."""
-    return os.environ.get("VIDRET_PROGRESS") == "0" or not sys.stderr.isatty()
 
 
 def fetch(archive: Archive, cache_dir: str | os.PathLike, downloader: Downloader | None = None) -> dict:
@@ -83,7 +77,7 @@ def extract(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
     root = dest.resolve()
     with zipfile.ZipFile(zip_path) as zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
-        for member in tqdm(members, desc=f"unzip {Path(zip_path).name}", disable=progress_disabled()):
+        for member in progress(members, desc=f"unzip {Path(zip_path).name}"):
             target = dest / member.filename
             if not target.resolve().is_relative_to(root):
                 raise ValueError(f"{zip_path}: member {member.filename!r} would be written outside {dest}")

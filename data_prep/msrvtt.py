@@ -88,12 +88,12 @@ from typing import Any
 
 import decord
 import pooch
-from tqdm import tqdm
 
 from vidret_lib.cache import load_json, save_json
 from vidret_lib.datasets import Dataset, Split, write_dataset
+from vidret_lib.progress import progress
 
-from .download import Archive, Downloader, extract, fetch, progress_disabled
+from .download import Archive, Downloader, extract, fetch
 
 PREP_VERSION = "1"
 ARCHIVES = (
@@ -289,7 +289,7 @@ def probe_videos(paths: dict[str, Path], cache_path: Path) -> dict[str, str | No
     cache = load_json(cache_path) if cache_path.exists() else {}
     known = cache.get("videos", {}) if cache.get("decord") == decord.__version__ else {}
     problems, checked = {}, 0
-    for video_id, path in tqdm(paths.items(), desc="check videos", disable=progress_disabled()):
+    for video_id, path in progress(paths.items(), desc="check videos"):
         stat = path.stat()
         entry = known.get(str(path))
         if entry is None or (entry["size"], entry["mtime_ns"]) != (stat.st_size, stat.st_mtime_ns):

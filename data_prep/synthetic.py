@@ -52,10 +52,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from vidret_lib.cache import atomic_write, cache_key, load_json
 from vidret_lib.datasets import Dataset, write_dataset
+from vidret_lib.progress import progress
 
 from . import grammar
 from .synthetic_render import BACKGROUNDS, COLOURS, SHAPES, SIZES, mp4_matches, render_frames, write_mp4
@@ -559,11 +559,6 @@ def content_hash(cfg: SyntheticConfig, seed: int) -> str:
     return cache_key("shapemotion", version=GENERATOR_VERSION, seed=seed, config=asdict(cfg))
 
 
-def _progress_disabled() -> bool | None:
-    """tqdm's ``disable``: None (= off when not a terminal), True under VIDRET_PROGRESS=0."""
-    return True if os.environ.get("VIDRET_PROGRESS") == "0" else None
-
-
 def generate(out: str | os.PathLike, size: str = "default", seed: int = 0, **overrides: Any) -> Dataset:
     """Write a ShapeMotion dataset to ``out`` and return it (see the module docstring).
 
@@ -599,7 +594,7 @@ def generate(out: str | os.PathLike, size: str = "default", seed: int = 0, **ove
     video_dir.mkdir(parents=True, exist_ok=True)
     for stale in video_dir.glob(".*.tmp"):  # left by a killed run: never read, safe to drop
         stale.unlink()
-    for v in tqdm(videos, desc="render videos", unit="video", disable=_progress_disabled()):
+    for v in progress(videos, desc="render videos", unit="video"):
         path, vkey = out / v["path"], _video_key(v["scene"], cfg)
         if path.exists() and mp4_matches(path, vkey, cfg.n_frames, cfg.frame_size):
             continue

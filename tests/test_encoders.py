@@ -149,7 +149,8 @@ def test_minilm_text_matches_sentence_transformers(default_encoder):
     ids = enc.tokenize(captions)
     mask = (ids != 0).long()
     with torch.no_grad():
-        pooled = enc.model.text.pooler(enc.model.text.transformer(input_ids=ids, attention_mask=mask), mask)
+        hidden = enc.model.text.transformer(input_ids=ids, attention_mask=mask)
+        pooled = enc.model.text.pooler(hidden, mask)  # (N, 384) masked mean over tokens
     st = st_package.load_model("cpu")
     tokens = st.encode(captions, output_value="token_embeddings")  # unpadded (L_i, 384) each
     naive_mean = torch.stack([t.float().mean(0) for t in tokens])

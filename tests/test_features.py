@@ -11,10 +11,10 @@ from vidret_lib.encoders import load_encoder
 from vidret_lib.features import _progress, text_features, video_features
 
 SIZE, T = 64, 4
-MASKS = {  # video id -> frame mask; "bad" stands for a video the frame cache could not decode
+MASKS = {  # video id -> frame mask of its decoded frames
     "v0": [True, True, True, False],
     "v1": [True, True, True, True],
-    "bad": [False, False, False, False],
+    "bad": [True, True, False, False],  # the stand-in fails to decode it, unless told otherwise
     "v3": [True, False, False, False],
     "v4": [True, True, False, False],
 }
@@ -41,6 +41,8 @@ class StandInFrameCache:
         if video_id == self.fail_on:
             raise RuntimeError(f"simulated crash at {video_id}")
         self.loads.append(video_id)
+        if video_id in self.failed:  # as the real FrameCache: zero frames, all-False mask
+            return np.zeros((T, SIZE, SIZE, 3), np.uint8), np.zeros(T, bool)
         mask = np.array(MASKS[video_id])
         rng = np.random.default_rng(list(MASKS).index(video_id))
         frames = rng.integers(0, 256, (T, SIZE, SIZE, 3), dtype=np.uint8)
@@ -53,6 +55,7 @@ class Counting:
 
     def __init__(self, encoder):
         self.encoder, self.cache_id, self.embed_dim = encoder, encoder.cache_id, encoder.embed_dim
+        self.device = encoder.device
         self.image_batches, self.text_batches = [], []
 
     def encode_image(self, frames):
@@ -84,7 +87,7 @@ def test_video_features_match_naive_loop_and_batch_across_videos(encoder, tmp_pa
     counting = Counting(encoder)
     feats, mask = video_features(counting, StandInFrameCache(), ids, tmp_path, batch_size=3)
     assert feats.shape == (5, T, 512) and feats.dtype == torch.float32
-    assert mask.tolist() == [MASKS[v] for v in ids]
+    assert mask.tolist() == [MASKS[v] if v != "bad" else [False] * T for v in ids]
     assert counting.image_batches == [3, 3, 3, 1]  # 10 masked-in frames, batches span videos
     expected = _naive_video_features(encoder, StandInFrameCache(), ids)
     torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-4)
@@ -118,9 +121,21 @@ def test_video_features_resume_after_a_crash(encoder, tmp_path):
     assert not mask[4].any() and (feats[4] == 0).all()
 
 
+def test_video_features_recompute_a_chunk_whose_failed_video_decodes_now(encoder, tmp_path):
+    ids = ["v0", "v1", "bad", "v3"]
+    _, mask = video_features(encoder, StandInFrameCache(), ids, tmp_path, chunk_size=2)
+    assert not mask[2].any()
+    fixed = StandInFrameCache()
+    fixed.failed = {}  # the frame cache's retry succeeded
+    feats, mask = video_features(encoder, fixed, ids, tmp_path, chunk_size=2)
+    assert fixed.loads == ["bad", "v3"]
+    assert mask[2].tolist() == MASKS["bad"]
+    torch.testing.assert_close(feats, _naive_video_features(encoder, fixed, ids), rtol=1e-4, atol=1e-4)
+
+
 def test_video_features_reject_a_wrong_chunk(encoder, tmp_path):
     key = cache_key("video-features", frames="frames-test", encoder=encoder.cache_id)
-    path = tmp_path / "features" / key / f"{cache_key('videos', ids=['v0'])}.npz"
+    path = tmp_path / "features" / key / f"{cache_key('videos', ids=['v0'], failed=[])}.npz"
     save_npz(path, feats=np.zeros((1, T, 512), np.float32), mask=np.zeros((1, T), bool),
              video_ids=np.array(["v1"]))
     with pytest.raises(ValueError, match="holds other videos"):

@@ -130,14 +130,3 @@ def test_unknown_and_unsafe_video_ids_fail_before_any_work(tmp_path):
     odd = write_dataset(tmp_path / "odd", {"name": "odd"}, [{"video_id": "../x", "path": "x.mp4"}], {})
     with pytest.raises(ValueError, match="cannot be used as file names"):
         frame_cache(odd, ["../x"], tmp_path / "cache", **PARAMS)
-
-
-def test_progress_bar_quiet_off_a_terminal_and_with_vidret_progress_0(monkeypatch):
-    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
-    monkeypatch.delenv("VIDRET_PROGRESS", raising=False)
-    assert not fc._progress_disabled()
-    monkeypatch.setenv("VIDRET_PROGRESS", "0")
-    assert fc._progress_disabled()
-    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
-    monkeypatch.delenv("VIDRET_PROGRESS")
-    assert fc._progress_disabled()

@@ -20,8 +20,9 @@ Two kinds of encoder share one interface (:class:`Encoder`):
     rows: a fixed random 512-d view of the pooled EfficientNet feature. 512 is ViT-B/32's
     width, so heads keep the same sizes across profiles. Image-text similarity is noise
     until a head or the projections are trained.
-  - ``image_size=160`` by default: 2.7x faster than 224 on 2 CPU threads
-    (benchmarks/bench_features.py prints the figures); any size works with a convnet.
+  - ``image_size=160`` by default: about 3x faster than 224 on a CPU, 1.3-1.6x slower
+    than 128 (benchmarks/bench_features.py prints the figures); any size works with a
+    convnet.
 
 * any open_clip architecture with a pretrained tag or a local checkpoint file, e.g.
   ``load_encoder("ViT-B-32", pretrained="openai")``, the papers' backbone (downloads the
@@ -204,7 +205,7 @@ def _load_default(
         "std": EFFNET_MEAN_STD, "interpolation": "bicubic", "resize_mode": "shortest",
         "fill_color": 0,
     })
-    model.visual.to(memory_format=torch.channels_last)  # ~1.8x faster convs on CPU
+    model.visual.to(memory_format=torch.channels_last)  # ~1.7x faster convs on CPU
     model = model.to(device).eval()
     cache_id = cache_key(
         f"default-{image_size}px",
@@ -285,7 +286,7 @@ def _load_open_clip(
     mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
     embed_dim = open_clip.get_model_config(name)["embed_dim"]
     cache_id = cache_key(
-        f"{name}-{Path(weights).name}-{size}px", model=name, weights=weights, image_size=size,
+        f"{name}-{weights}-{size}px", model=name, weights=weights, image_size=size,
         mean=mean, std=std, resize="bicubic-antialias shortest-side center-crop",
         context_length=tokenizer.context_length,
         packages=_versions("open_clip_torch", "torch"),

@@ -6,8 +6,9 @@ Layout under ``<cache_dir>/features/``:
 
 * ``<cache_key("video-features", frames=<frame cache key>, encoder=<encoder.cache_id>)>/``
   holds one ``.npz`` per chunk of ``chunk_size`` videos, named by a hash of the chunk's
-  video ids: ``feats`` float32 (n, T, D) (zeros where the frame mask is False), ``mask``
-  bool (n, T), ``video_ids``.
+  video ids and of those among them that the frame cache could not decode: ``feats``
+  float32 (n, T, D) (zeros where the frame mask is False), ``mask`` bool (n, T),
+  ``video_ids``.
 * ``<cache_key("text-features", encoder=..., sentences=<sha256 of the list>, chunk_size=...)>/``
   holds ``chunk-00000.npz``, ... of ``chunk_size`` sentences each: ``feats`` (n, D).
 
@@ -26,12 +27,18 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .cache import cache_key, load_npz, save_npz
 
 VIDEO_CHUNK = 256
 TEXT_CHUNK = 4096
+# Default batch sizes by device type. On a CPU small batches are faster per item (the
+# activations stay in cache): EfficientNet-Lite0 at 160 px on one thread runs ~2x faster at
+# 16 frames per batch than at 64; MiniLM likewise prefers 64 captions to 256
+# (benchmarks/bench_features.py). GPUs want large batches.
+VIDEO_BATCH = {"cpu": 16, "cuda": 256}
+TEXT_BATCH = {"cpu": 64, "cuda": 1024}
 
 
 def video_features(
@@ -39,21 +46,22 @@ def video_features(
     frame_cache,
     video_ids: Sequence[str],
     cache_dir: str | os.PathLike,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     chunk_size: int = VIDEO_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame features of ``video_ids``: (feats float32 (V, T, D), mask bool (V, T)).
 
     ``frame_cache`` provides ``.key`` and ``.load(video_id) -> (frames uint8 (T, S, S, 3),
     mask bool (T,))``; only masked-in frames are encoded, ``batch_size`` frames at a time
-    across video boundaries; masked-out frames get zero features.
+    (default ``VIDEO_BATCH`` for the encoder's device) across video boundaries; masked-out
+    frames get zero features.
 
     Example:
         >>> import tempfile, types
         >>> class Enc:  # a stand-in: feature = mean pixel value, D = 1
-        ...     cache_id = "mean-pixel"
+        ...     cache_id, device = "mean-pixel", "cpu"
         ...     def encode_image(self, x): return torch.tensor(x.mean(axis=(1, 2, 3)))[:, None]
-        >>> frames = types.SimpleNamespace(key="k", load=lambda v: (
+        >>> frames = types.SimpleNamespace(key="k", failed={}, load=lambda v: (
         ...     np.full((2, 4, 4, 3), int(v), np.uint8), np.array([True, v == "7"])))
         >>> feats, mask = video_features(Enc(), frames, ["3", "7"], tempfile.mkdtemp())
         >>> feats[..., 0].tolist(), mask.tolist()
@@ -62,10 +70,14 @@ def video_features(
     video_ids = list(video_ids)
     if not video_ids:
         raise ValueError("video_features needs at least one video id")
+    if batch_size is None:
+        batch_size = _for_device(VIDEO_BATCH, encoder.device)
     folder = _features_dir(cache_dir, "video-features", frames=frame_cache.key,
                            encoder=encoder.cache_id)
     chunks = [video_ids[i:i + chunk_size] for i in range(0, len(video_ids), chunk_size)]
-    paths = [folder / f"{cache_key('videos', ids=ids)}.npz" for ids in chunks]
+    # a chunk is named by its videos and which of them failed to decode: the frame cache
+    # retries failed videos, and a later success must not reuse the chunk's zero features
+    paths = [folder / f"{_chunk_name(ids, frame_cache.failed)}.npz" for ids in chunks]
     todo = sum(len(ids) for ids, path in zip(chunks, paths) if not path.exists())
     feats, masks = [], []
     with _progress(todo, "video features", "video") as bar:
@@ -85,15 +97,16 @@ def text_features(
     encoder,
     sentences: Sequence[str],
     cache_dir: str | os.PathLike,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     chunk_size: int = TEXT_CHUNK,
 ) -> torch.Tensor:
-    """Features (N, D) float32 of ``sentences``, in order.
+    """Features (N, D) float32 of ``sentences``, in order, ``batch_size`` at a time
+    (default ``TEXT_BATCH`` for the encoder's device).
 
     Example:
         >>> import tempfile
         >>> class Enc:  # a stand-in: feature = caption length, D = 1
-        ...     cache_id = "length"
+        ...     cache_id, device = "length", "cpu"
         ...     def encode_text(self, c): return torch.tensor([[float(len(s))] for s in c])
         >>> text_features(Enc(), ["a", "abc"], tempfile.mkdtemp())[:, 0].tolist()
         [1.0, 3.0]
@@ -101,6 +114,8 @@ def text_features(
     sentences = list(sentences)
     if not sentences:
         raise ValueError("text_features needs at least one sentence")
+    if batch_size is None:
+        batch_size = _for_device(TEXT_BATCH, encoder.device)
     digest = hashlib.sha256(json.dumps(sentences).encode()).hexdigest()
     folder = _features_dir(cache_dir, "text-features", encoder=encoder.cache_id, sentences=digest,
                            chunk_size=chunk_size)
@@ -160,6 +175,14 @@ def _batches(groups: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
             pending, count = [joined[size:]], count - size
     if count:
         yield np.concatenate(pending)
+
+
+def _chunk_name(ids: list[str], failed: dict[str, str]) -> str:
+    return cache_key("videos", ids=ids, failed=[v for v in ids if v in failed])
+
+
+def _for_device(table: dict[str, int], device: str | torch.device) -> int:
+    return table.get(torch.device(device).type, table["cpu"])
 
 
 def _features_dir(cache_dir: str | os.PathLike, name: str, **parts: str | int) -> Path:

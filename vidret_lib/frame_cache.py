@@ -17,7 +17,6 @@ faster (``benchmarks/bench_frames.py`` measures the sampler).
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,11 @@ from typing import Iterable
 
 import decord
 import numpy as np
-from tqdm import tqdm
 
 from .cache import cache_key, load_json, load_npz, save_json, save_npz
 from .datasets import Dataset
 from .frames import SAMPLER_VERSION, VideoDecodeError, sample_clip
+from .progress import progress
 
 FAILURES = "failures.json"
 
@@ -112,7 +111,7 @@ def frame_cache(
     out = Path(cache_dir) / "frames" / key
     todo = [vid for vid in ids if not (out / f"{vid}.npz").exists()]
     failed: dict[str, str] = {}
-    for vid in tqdm(todo, desc=f"decode frames ({key})", unit="video", disable=_progress_disabled()):
+    for vid in progress(todo, desc=f"decode frames ({key})", unit="video"):
         try:
             clip = sample_clip(dataset.video_path(vid), max_frames, sample_fps, size)
         except VideoDecodeError as err:
@@ -152,8 +151,3 @@ def _warn_failures(failed: dict[str, str], total: int, failures_path: Path, show
         + "\n".join(lines),
         stacklevel=3,
     )
-
-
-def _progress_disabled() -> bool:
-    """Progress bars only on a terminal, and never with ``VIDRET_PROGRESS=0`` (papermill runs)."""
-    return os.environ.get("VIDRET_PROGRESS") == "0" or not sys.stderr.isatty()

@@ -88,3 +88,20 @@ def split_features(
     title = torch.where(torch.as_tensor(present)[:, None], title, torch.zeros_like(title))
     return FeatureSplit(text, video, mask, sp.caption_video, title, present)
 
+
+
+def open_encoder(name: str = "default", pretrained: str = "", device: str = "cpu"):
+    """:func:`vidret_lib.encoders.load_encoder` from notebook parameters (``pretrained=""``: none)."""
+    from .encoders import load_encoder
+
+    return load_encoder(name, device, **({"pretrained": pretrained} if pretrained else {}))
+
+
+def data_key(config: DataConfig, dataset: Dataset, encoder, *splits: str) -> str:
+    """Names the features a result was trained and tested on (dataset, splits, frames, encoder)."""
+    from .cache import cache_key
+
+    return cache_key(
+        "data", dataset=dataset.fingerprint(), splits=list(splits), max_frames=config.max_frames,
+        sample_fps=config.sample_fps, encoder=encoder.cache_id,
+    )

@@ -42,7 +42,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -50,7 +49,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
 from .emcl import EMCL
@@ -58,6 +56,7 @@ from .heads import HEADS, MODALITIES, RetrievalModel, clip_text_init
 from .losses import dual_softmax_loss, dual_softmax_rerank, infonce_loss, modality_shuffle_loss, vsepp_loss
 from .metrics import both_directions
 from .optim import OPTIMIZERS, make_optimizer, param_groups
+from .progress import progress
 from .rerank import qb_norm_rerank
 from .runinfo import seed_everything
 
@@ -390,11 +389,6 @@ def _epoch_batches(
     return [(captions[i * size:(i + 1) * size], videos[i * size:(i + 1) * size]) for i in range(n)]
 
 
-def _progress(iterable, **kw):
-    disable = os.environ.get("VIDRET_PROGRESS", "1") == "0" or not sys.stderr.isatty()
-    return tqdm(iterable, disable=disable, **kw)
-
-
 # ==================================================================== end-to-end encoding
 def _tower_text(model: RetrievalModel, sentences: Sequence[str], device) -> Tensor:
     """Text tower output (B, D) for a list of sentences."""
@@ -544,7 +538,7 @@ def train(config: TrainConfig, train: FeatureSplit | RawSplit, val: FeatureSplit
     )
     history: list[dict] = []
     best: tuple[float, int, dict] | None = None
-    for epoch in _progress(range(1, config.epochs + 1), desc="epochs"):
+    for epoch in progress(range(1, config.epochs + 1), desc="epochs"):
         model.train()
         start, losses = time.perf_counter(), []
         for captions, videos in _epoch_batches(caption_video, train.num_videos, config, generator):
