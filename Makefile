@@ -8,7 +8,7 @@ PROFILE ?= default
 STAMP := $(VENV)/.vidret-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help env test test-fast reproduce figures benchmarks clean-executed
+.PHONY: help env test test-fast reproduce benchmarks clean-executed
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -28,7 +28,7 @@ test: $(STAMP)  ## run every test: unit, real-file (../shared/data when present)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)  ## unit tests only (no notebooks, no slow tests)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" tests vidret_lib data_prep
 
 benchmarks: $(STAMP)  ## print speed and memory figures (not tests)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -16,15 +16,6 @@ from vidret_lib.encoders import load_efficientnet_lite0, load_encoder
 PHOTOS = ("astronaut", "chelsea", "coffee")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy shared machine, 2 threads wait on each other at every layer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _refuse(*args, **kwargs):
     raise OSError("network access blocked by the test")
 

@@ -8,7 +8,7 @@ import torch
 
 from vidret_lib.cache import cache_key, save_npz
 from vidret_lib.encoders import load_encoder
-from vidret_lib.features import _progress, text_features, video_features
+from vidret_lib.features import text_features, video_features
 
 SIZE, T = 64, 4
 MASKS = {  # video id -> frame mask of its decoded frames
@@ -18,15 +18,6 @@ MASKS = {  # video id -> frame mask of its decoded frames
     "v3": [True, False, False, False],
     "v4": [True, True, False, False],
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy shared machine, 2 threads wait on each other at every layer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class StandInFrameCache:
@@ -172,8 +163,3 @@ def test_text_features_match_naive_loop_cache_and_resume(encoder, tmp_path):
     with pytest.raises(ValueError, match="at least one sentence"):
         text_features(encoder, [], tmp_path)
 
-
-def test_progress_bar_switch(monkeypatch):
-    monkeypatch.setenv("VIDRET_PROGRESS", "0")
-    with _progress(3, "x", "video") as bar:
-        assert bar.disable

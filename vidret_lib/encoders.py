@@ -40,7 +40,7 @@ import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from unittest import mock
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import cache_key
+from .runinfo import package_versions
 
 DEFAULT_IMAGE_SIZE = 160
 DEFAULT_EMBED_DIM = 512
@@ -101,12 +102,12 @@ class Encoder:
             raise ValueError(
                 f"frames must be uint8 RGB (N, H, W, 3); got {x.dtype} {tuple(x.shape)}"
             )
-        x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255)  # (N, 3, H, W) in [0, 1]
+        x = x.to(self.device).permute(0, 3, 1, 2).float()  # (N, 3, H, W) in [0, 255]
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = _resize_center_crop(x, self.image_size)
         mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
-        return x.sub_(mean).div_(std)
+        return x.mul_(1 / (255 * std)).sub_(mean / std)  # (x / 255 - mean) / std in two passes
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Captions -> token ids (N, context_length) on the device."""
@@ -214,7 +215,7 @@ def _load_default(
         embed_dim=embed_dim, image_size=image_size, mean=EFFNET_MEAN_STD, std=EFFNET_MEAN_STD,
         resize="bicubic-antialias shortest-side center-crop",
         projection=f"orthogonal float64 seed={projection_seed}", context_length=context_length,
-        packages=_versions(_EFFNET_PACKAGE[1], _MINILM_PACKAGE[1], "open_clip_torch", "timm",
+        packages=package_versions(_EFFNET_PACKAGE[1], _MINILM_PACKAGE[1], "open_clip_torch", "timm",
                            "transformers", "torch"),
     )
     return Encoder(model, "default", cache_id, embed_dim, image_size, device,
@@ -289,7 +290,7 @@ def _load_open_clip(
         f"{name}-{weights}-{size}px", model=name, weights=weights, image_size=size,
         mean=mean, std=std, resize="bicubic-antialias shortest-side center-crop",
         context_length=tokenizer.context_length,
-        packages=_versions("open_clip_torch", "torch"),
+        packages=package_versions("open_clip_torch", "torch"),
     )
     return Encoder(model, name, cache_id, embed_dim, size, device, mean, std, tokenizer)
 
@@ -297,13 +298,13 @@ def _load_open_clip(
 # --- helpers --------------------------------------------------------------------------
 
 def _resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> (N, 3, size, size): shorter side to ``size``, center crop."""
+    """(N, 3, H, W) in [0, 255] -> (N, 3, size, size): shorter side to ``size``, center crop."""
     h, w = x.shape[-2:]
     scale = size / min(h, w)
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
     x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return x[..., top:top + size, left:left + size].clamp_(0, 1)
+    return x[..., top:top + size, left:left + size].clamp_(0, 255)
 
 
 def _orthogonal_(weight: torch.Tensor, generator: torch.Generator) -> None:
@@ -369,15 +370,6 @@ def _package_path(package: tuple[str, str], *parts: str) -> Path:
         raise FileNotFoundError(f"{path} is missing from the installed package {dist}; reinstall it")
     return path
 
-
-def _versions(*dists: str) -> dict[str, str | None]:
-    out = {}
-    for dist in dists:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def _sha256(path: str | os.PathLike) -> str:

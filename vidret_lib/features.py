@@ -21,15 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .cache import cache_key, load_npz, save_npz
+from .progress import progress
 
 VIDEO_CHUNK = 256
 TEXT_CHUNK = 4096
@@ -80,7 +79,7 @@ def video_features(
     paths = [folder / f"{_chunk_name(ids, frame_cache.failed)}.npz" for ids in chunks]
     todo = sum(len(ids) for ids, path in zip(chunks, paths) if not path.exists())
     feats, masks = [], []
-    with _progress(todo, "video features", "video") as bar:
+    with progress(total=todo, desc="video features", unit="video") as bar:
         for ids, path in zip(chunks, paths):
             if not path.exists():
                 feats_np, mask_np = _encode_videos(encoder, frame_cache, ids, batch_size, bar.update)
@@ -123,7 +122,7 @@ def text_features(
     paths = [folder / f"chunk-{i:05d}.npz" for i in range(len(starts))]
     todo = sum(len(sentences[s:s + chunk_size]) for s, p in zip(starts, paths) if not p.exists())
     feats = []
-    with _progress(todo, "text features", "caption") as bar:
+    with progress(total=todo, desc="text features", unit="caption") as bar:
         for start, path in zip(starts, paths):
             if not path.exists():
                 chunk = sentences[start:start + chunk_size]
@@ -188,8 +187,3 @@ def _for_device(table: dict[str, int], device: str | torch.device) -> int:
 def _features_dir(cache_dir: str | os.PathLike, name: str, **parts: str | int) -> Path:
     return Path(cache_dir) / "features" / cache_key(name, **parts)
 
-
-def _progress(total: int, desc: str, unit: str) -> tqdm:
-    """A tqdm bar, off when stderr is not a terminal or VIDRET_PROGRESS=0."""
-    off = os.environ.get("VIDRET_PROGRESS") == "0" or not sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit=unit, disable=off)

@@ -52,6 +52,22 @@ def device_name(device: str | torch.device) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def package_versions(*dists: str) -> dict[str, str | None]:
+    """Installed version of each distribution (None when absent).
+
+    Example:
+        >>> package_versions("numpy", "no-such-dist")["no-such-dist"] is None
+        True
+    """
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def environment_report(device: str | torch.device = "cpu") -> dict:
     """Device, package versions, Python, platform and git revision, as a JSON-ready dict.
 
@@ -60,15 +76,9 @@ def environment_report(device: str | torch.device = "cpu") -> dict:
         >>> sorted(r) == ['device', 'git_revision', 'packages', 'platform', 'python']
         True
     """
-    packages = {}
-    for name in _PACKAGES:
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            packages[name] = None
     return {
         "device": device_name(device),
-        "packages": packages,
+        "packages": package_versions(*_PACKAGES),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_revision": git_revision(),
