@@ -327,3 +327,13 @@ def test_pair_similarity_trains_and_reports_spearman(loss, rnt):
     assert spearman(model, feats, val) == pytest.approx(max(h["val_spearman"] for h in history), abs=1e-12)
     with pytest.raises(ValueError, match="valid losses"):
         PairConfig(loss="cosent").validate()
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the msrvtt-gpu profile's case)")
+def test_evaluate_scores_cpu_features_with_a_cuda_model():
+    g = torch.Generator().manual_seed(0)
+    split = FeatureSplit(torch.randn(4, 8, generator=g), torch.randn(4, 3, 8, generator=g),
+                         torch.ones(4, 3, dtype=torch.bool), torch.arange(4))
+    model = build_model(TrainConfig(device="cuda"), 8)
+    assert evaluate(model, split) == evaluate(model.cpu(), split)

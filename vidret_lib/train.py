@@ -611,7 +611,8 @@ def evaluate(
         raise ValueError("rerank='qb_norm' needs prior=<training split> for its querybank (never the test split)")
     was_training = model.training
     model.eval()
-    split = featurize(model, split) if isinstance(split, RawSplit) else split
+    device = next(model.parameters()).device
+    split = (featurize(model, split) if isinstance(split, RawSplit) else split).to(device)
     sim = _similarity(model, split.text, split, modality)  # (N_text, N_video) cosine
     cv = split.caption_video
     if rerank == "none":
@@ -623,7 +624,7 @@ def evaluate(
             "v2t": both_directions(dual_softmax_rerank(scaled, dsl_temp, "v2t"), cv)["v2t"],
         }
     else:
-        prior = featurize(model, prior) if isinstance(prior, RawSplit) else prior
+        prior = (featurize(model, prior) if isinstance(prior, RawSplit) else prior).to(device)
         bank_t2v = _similarity(model, prior.text, split, modality)  # (N_train, V): training captions x test videos
         bank_v2t = _similarity(model, split.text, prior, modality).T  # (V_train, N): training videos x test captions
         out = {
