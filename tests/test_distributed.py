@@ -69,9 +69,10 @@ def loss_and_grads(towers, text, video, loss_fn, gather_fn):
     return loss.detach(), {n: p.grad.clone() for n, p in towers.named_parameters()}
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(LOOPBACK_ENV, MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, out_dir):
+    # File rendezvous: no TCP port to pick in advance, so no race with other processes for it.
+    os.environ.update(LOOPBACK_ENV)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     text, video, towers = batch_and_model()
     idx = shard(torch.arange(len(text)), rank, WORLD)
     results = {}
@@ -85,7 +86,7 @@ def _worker(rank, port, out_dir):
 
 
 def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     text, video, towers = batch_and_model()
     for name, fn in LOSSES.items():
         loss, grads = loss_and_grads(towers, text, video, fn, lambda x: x)  # one process, full batch
