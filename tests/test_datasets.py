@@ -42,3 +42,22 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_save_json_keeps_number_arrays_on_one_line_and_round_trips(tmp_path):
+    import json
+    import random
+
+    from vidret_lib.cache import load_json, save_json
+
+    rng = random.Random(0)
+    scalars = [lambda: rng.random() * 10 ** rng.randint(-9, 9), lambda: rng.randint(-5, 5), lambda: True,
+               lambda: None, lambda: "a [1,  2]", lambda: {"k": [1, 2]}, lambda: []]
+    for _ in range(300):
+        obj = {"v": [rng.choice(scalars)() for _ in range(rng.randint(0, 6))], "nested": [[rng.random()], []]}
+        path = save_json(tmp_path / "x.json", obj)
+        assert load_json(path) == obj
+        text = path.read_text()
+        assert "a [1,  2]" in text or "a [1,  2]" not in json.dumps(obj), "strings must be left alone"
+    save_json(path, {"hits": [1, 0, 1], "scores": [0.5, -1e-05]})
+    assert '"hits": [1, 0, 1]' in path.read_text() and '"scores": [0.5, -1e-05]' in path.read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -59,17 +60,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+# a JSON array of numbers / booleans / nulls only, as json.dumps(indent=2) lays it out (one item per
+# line); a JSON string cannot hold a raw newline, so a match is never inside a string
+_SCALAR = r"(?:-?[0-9][0-9.eE+-]*|-?Infinity|NaN|true|false|null)"
+_SCALAR_ARRAY = re.compile(rf"\[\n *(?:{_SCALAR},\n *)*{_SCALAR}\n *\]")
+
+
 def save_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON, atomically.
+    """Write ``obj`` as indented JSON, atomically; arrays of numbers stay on one line.
 
     Example:
         >>> import tempfile, pathlib
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "a" / "x.json"
-        >>> _ = save_json(p, {"r1": 1.5})
-        >>> load_json(p)
-        {'r1': 1.5}
+        >>> _ = save_json(p, {"r1": 1.5, "hits": [1, 0, -2.5e-05], "names": ["a", "[1,  2]"]})
+        >>> print(p.read_text().strip())
+        {
+          "r1": 1.5,
+          "hits": [1, 0, -2.5e-05],
+          "names": [
+            "a",
+            "[1,  2]"
+          ]
+        }
+        >>> load_json(p)["hits"]
+        [1, 0, -2.5e-05]
     """
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+    text = _SCALAR_ARRAY.sub(lambda m: re.sub(r"\s+", "", m.group(0)).replace(",", ", "), text) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 

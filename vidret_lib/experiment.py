@@ -4,18 +4,23 @@
 ``config`` once per seed with :func:`vidret_lib.train.train`, evaluates the selected and the
 last-epoch weights on the test split (optionally re-ranked), writes
 ``<results_dir>/<notebook>/<name>.json`` and returns that record. A record whose config,
-seeds, data and library code match is loaded instead of retrained ("load if present").
+seeds, data and library code match is loaded instead of retrained ("load if present"):
+:func:`load_or_run` is that rule for any results record a notebook computes.
 Numbers are reported as mean ± std over seeds (population std, ``ddof=0``).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from .cache import atomic_write
+from .heads import RetrievalModel
 from .results import read_results, write_results
 from .train import FeatureSplit, TrainConfig, evaluate, train
 
@@ -47,6 +52,94 @@ def summarize(values: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, 
     return out
 
 
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from a JSON file (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value))
+
+
+def source_id(fn: Callable) -> str:
+    """Short hash of a function's source and of the same-module functions it calls, recursively.
+
+    An analysis function is part of what produced a record, so editing it, or a helper it calls
+    that is defined beside it (a notebook function), invalidates the record. Library code is
+    covered by :func:`library_hash`; a function without source is named by its qualified name.
+
+    Example:
+        >>> source_id(len) == source_id(len), len(source_id(source_id))
+        (True, 16)
+    """
+    h, seen, todo = hashlib.sha256(), set(), [fn]
+    while todo:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        try:
+            h.update(inspect.getsource(f).encode())
+        except (OSError, TypeError):
+            h.update(getattr(f, "__qualname__", repr(f)).encode())
+        code = getattr(f, "__code__", None)
+        if code is None:
+            continue
+        nested = [c for c in code.co_consts if inspect.iscode(c)]  # comprehensions, inner functions
+        names = set(code.co_names).union(*(c.co_names for c in nested))
+        for name in sorted(names, reverse=True):
+            g = f.__globals__.get(name)
+            if inspect.isfunction(g) and g.__module__ == f.__module__:
+                todo.append(g)
+    return h.hexdigest()[:16]
+
+
+def load_or_run(
+    results_dir: str | Path,
+    notebook: str,
+    name: str,
+    config: Any,
+    identity: dict[str, Any],
+    compute: Callable[[], dict[str, Any]],
+    seed: Any,
+    device: str = "cpu",
+    protocol: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The results record ``<results_dir>/<notebook>/<name>.json``: loaded if this checkout wrote
+    it from the same ``config`` and ``identity`` (plus the library hash), else ``compute()``-d and written.
+
+    ``config`` (dict or dataclass) and ``identity`` (seeds, data key, ...) say what produced the
+    metrics; both are stored in the record (identity under ``protocol["identity"]``).
+    "This checkout wrote it": the record's checksum is in :func:`ledger_path`, a git-ignored
+    file beside it. Records that arrive with ``git clone`` have none, so a fresh clone computes
+    every number again (and ``git diff results/`` shows how they compare with the committed ones).
+    """
+    path = Path(results_dir) / notebook / f"{name}.json"
+    ledger = ledger_path(path)
+    config = _jsonable(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config)
+    identity = _jsonable({**identity, "library": library_hash()})
+    if path.exists() and ledger.exists() and ledger.read_text() == _sha256(path):
+        old = read_results(path)
+        if old["config"] == config and old["protocol"].get("identity") == identity:
+            return old
+    write_results(path, name, compute(), config, seed=seed, device=device,
+                  protocol={**(protocol or {}), "identity": identity})
+    digest = _sha256(path)
+    atomic_write(ledger, lambda tmp: tmp.write_text(digest))
+    return read_results(path)
+
+
+def ledger_path(record: str | Path) -> Path:
+    """Where the checksum of a results record written by this checkout is kept (git-ignored).
+
+    Example:
+        >>> ledger_path("results/01_clip4clip/meanP.json").as_posix()
+        'results/01_clip4clip/.local/meanP.json.sha256'
+    """
+    record = Path(record)
+    return record.parent / ".local" / f"{record.name}.sha256"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def run_variant(
     name: str,
     config: TrainConfig,
@@ -60,46 +153,53 @@ def run_variant(
     evals: dict[str, dict[str, Any]] | None = None,
     protocol: dict[str, Any] | None = None,
     encoder=None,
+    analyses: dict[str, Callable[[RetrievalModel], dict]] | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` for each seed, evaluate, write and return the results record.
 
     ``evals`` names the evaluations of each trained model, each a dict of
     :func:`vidret_lib.train.evaluate` keyword arguments (default ``{"plain": {}}``), e.g.
     ``{"plain": {}, "dsl": {"rerank": "dsl"}, "qb_norm": {"rerank": "qb_norm", "prior": train_split}}``.
+    ``analyses`` (optional) names functions ``fn(model) -> dict`` (JSON-able) run on the selected
+    and the last weights of every seed, so that a notebook looks inside its trained models without
+    training them again; their source is part of the reuse check.
     ``data_key`` names the features (dataset + splits + encoder), part of the reuse check.
     ``encoder`` (optional) is passed to :func:`~vidret_lib.train.train`, so that seqTransf starts
     from the encoder's CLIP text layers when they fit (CLIP4Clip's init; random otherwise).
     The record's ``metrics`` hold ``runs`` (per seed: chosen epoch, loss history, test
-    metrics of the selected and the last weights per evaluation) and ``summary``
+    metrics of the selected and the last weights per evaluation, and
+    ``analyses[name]["selected" | "last"]``) and ``summary``
     (``summary[eval][which]["t2v_R1"] = {"mean", "std", "n"}``).
     """
     evals = evals or {"plain": {}}
-    path = Path(results_dir) / notebook / f"{name}.json"
-    config_dict = dataclasses.asdict(config)
-    identity = {"seeds": list(seeds), "data_key": data_key, "library": library_hash(), "evals": sorted(evals),
-                "init_encoder": None if encoder is None else encoder.cache_id}
-    if path.exists():
-        old = read_results(path)
-        if old["config"] == config_dict and old["protocol"].get("identity") == identity:
-            return old
-    runs = []
-    for seed in seeds:
-        result = train(dataclasses.replace(config, seed=seed), train_split, val_split, encoder=encoder)
-        weights = {"selected": result.model, "last": result.model_at("last")}
-        test = {
-            e: {which: evaluate(model, test_split, **kw) for which, model in weights.items()}
-            for e, kw in evals.items()
+    analyses = analyses or {}
+    identity = {"seeds": list(seeds), "data_key": data_key, "evals": sorted(evals),
+                "init_encoder": None if encoder is None else encoder.cache_id,
+                "analyses": {a: source_id(fn) for a, fn in sorted(analyses.items())}}
+
+    def compute() -> dict[str, Any]:
+        runs = []
+        for seed in seeds:
+            result = train(dataclasses.replace(config, seed=seed), train_split, val_split, encoder=encoder)
+            weights = {"selected": result.model, "last": result.model_at("last")}
+            test = {
+                e: {which: evaluate(model, test_split, **kw) for which, model in weights.items()}
+                for e, kw in evals.items()
+            }
+            history = [{"epoch": h["epoch"], "loss": h["loss"], "val": h["val"]} for h in result.history]
+            run = {"seed": seed, "chosen_epoch": result.chosen_epoch, "history": history, "test": test}
+            if analyses:
+                run["analyses"] = {a: {which: fn(model) for which, model in weights.items()} for a, fn in analyses.items()}
+            runs.append(run)
+        summary = {
+            e: {which: summarize([r["test"][e][which] for r in runs]) for which in ("selected", "last")}
+            for e in evals
         }
-        history = [{"epoch": h["epoch"], "loss": h["loss"], "val": h["val"]} for h in result.history]
-        runs.append({"seed": seed, "chosen_epoch": result.chosen_epoch, "history": history, "test": test})
-    summary = {
-        e: {which: summarize([r["test"][e][which] for r in runs]) for which in ("selected", "last")}
-        for e in evals
-    }
-    protocol = {"select": config.select, "false_negatives": config.false_negatives, **(protocol or {}), "identity": identity}
-    write_results(path, name, {"runs": runs, "summary": summary}, config_dict, seed=list(seeds),
-                  device=config.device, protocol=protocol)
-    return read_results(path)
+        return {"runs": runs, "summary": summary}
+
+    protocol = {"select": config.select, "false_negatives": config.false_negatives, **(protocol or {})}
+    return load_or_run(results_dir, notebook, name, config, identity, compute, seed=list(seeds),
+                       device=config.device, protocol=protocol)
 
 
 def fmt(stat: dict[str, float]) -> str:

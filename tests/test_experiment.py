@@ -1,0 +1,147 @@
+"""run_variant / load_or_run: results are reused only when what produced them is unchanged."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from vidret_lib import experiment
+from vidret_lib.experiment import ledger_path, load_or_run, run_variant, source_id
+from vidret_lib.results import read_results
+from vidret_lib.train import FeatureSplit, TrainConfig, evaluate, train
+
+
+def _split(seed: int, videos: int = 12, captions_per_video: int = 2, dim: int = 8) -> FeatureSplit:
+    g = np.random.default_rng(seed)
+    video = g.standard_normal((videos, 4, dim)).astype(np.float32)
+    caption_video = np.repeat(np.arange(videos), captions_per_video)
+    text = video.mean(1)[caption_video] + 0.5 * g.standard_normal((len(caption_video), dim)).astype(np.float32)
+    return FeatureSplit(text, video, np.ones((videos, 4), bool), caption_video)
+
+
+@pytest.fixture
+def splits():
+    return _split(0), _split(1), _split(2)
+
+
+@pytest.fixture
+def counted_train(monkeypatch):
+    calls = []
+
+    def counting(config, *args, **kwargs):
+        calls.append(config.seed)
+        return train(config, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "train", counting)
+    return calls
+
+
+CONFIG = TrainConfig(loss="infonce", head="meanP", lr=1e-3, epochs=2, batch_size=4)
+
+
+def test_run_variant_trains_each_seed_and_reuses_the_record(tmp_path, splits, counted_train):
+    tr, va, te = splits
+    first = run_variant("v", CONFIG, [0, 1], tr, va, te, str(tmp_path), "nb", "data-a")
+    assert counted_train == [0, 1]
+    again = run_variant("v", CONFIG, [0, 1], tr, va, te, str(tmp_path), "nb", "data-a")
+    assert counted_train == [0, 1], "an unchanged variant must be loaded, not retrained"
+    assert again["metrics"] == first["metrics"]
+    # the recorded test metrics are those of the seed's val-selected model
+    model = train(dataclasses.replace(CONFIG, seed=1), tr, va).model
+    assert first["metrics"]["runs"][1]["test"]["plain"]["selected"] == evaluate(model, te)
+    r1 = [r["test"]["plain"]["selected"]["t2v"]["R1"] for r in first["metrics"]["runs"]]
+    assert first["metrics"]["summary"]["plain"]["selected"]["t2v_R1"]["mean"] == pytest.approx(np.mean(r1))
+    assert first["metrics"]["summary"]["plain"]["selected"]["t2v_R1"]["std"] == pytest.approx(np.std(r1))
+
+
+CHANGES = {
+    "config": {"config": dataclasses.replace(CONFIG, lr=2e-3)},
+    "seeds": {"seeds": [1]},
+    "data_key": {"data_key": "data-b"},
+    "evals": {"evals": {"plain": {}, "dsl": {"rerank": "dsl"}}},
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_run_variant_retrains_when_what_produced_it_changes(tmp_path, splits, counted_train, change):
+    tr, va, te = splits
+    kwargs = {"config": CONFIG, "seeds": [0], "data_key": "data-a", "evals": None}
+    run_variant("v", kwargs["config"], kwargs["seeds"], tr, va, te, str(tmp_path), "nb", kwargs["data_key"])
+    kwargs.update(CHANGES[change])
+    run_variant("v", kwargs["config"], kwargs["seeds"], tr, va, te, str(tmp_path), "nb", kwargs["data_key"],
+                evals=kwargs["evals"])
+    assert len(counted_train) == 2
+
+
+def test_run_variant_analyses_see_the_trained_models(tmp_path, splits, counted_train):
+    tr, va, te = splits
+
+    def r1(model):
+        return {"r1": evaluate(model, te)["t2v"]["R1"]}
+
+    rec = run_variant("v", CONFIG, [0], tr, va, te, str(tmp_path), "nb", "data-a", analyses={"r1": r1})
+    run = rec["metrics"]["runs"][0]
+    for which in ("selected", "last"):
+        assert run["analyses"]["r1"][which]["r1"] == run["test"]["plain"][which]["t2v"]["R1"]
+    assert counted_train == [0]
+    run_variant("v", CONFIG, [0], tr, va, te, str(tmp_path), "nb", "data-a", analyses={"r1": r1})
+    assert counted_train == [0], "same analysis source: the record is reused"
+
+    def r1(model):  # noqa: F811 -- an edited analysis
+        return {"r1": evaluate(model, te)["t2v"]["R1"], "v2t": evaluate(model, te)["v2t"]["R1"]}
+
+    rec = run_variant("v", CONFIG, [0], tr, va, te, str(tmp_path), "nb", "data-a", analyses={"r1": r1})
+    assert counted_train == [0, 0], "an edited analysis recomputes the record"
+    assert "v2t" in rec["metrics"]["runs"][0]["analyses"]["r1"]["selected"]
+
+
+def test_load_or_run_computes_once_and_checks_the_library(tmp_path, monkeypatch):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": len(calls)}
+
+    args = (tmp_path, "nb", "rec", {"a": (1, 2)}, {"seeds": [0]}, compute)
+    first = load_or_run(*args, seed=[0])
+    assert first["metrics"] == {"x": 1} and first["config"] == {"a": [1, 2]}
+    assert load_or_run(*args, seed=[0])["metrics"] == {"x": 1}, "tuple vs list must not defeat the reuse"
+    assert load_or_run(tmp_path, "nb", "rec", {"a": (1, 3)}, {"seeds": [0]}, compute, seed=[0])["metrics"] == {"x": 2}
+    path = tmp_path / "nb" / "rec.json"
+    ledger_path(path).unlink()  # as in a fresh clone: the record arrived with git, this checkout did not write it
+    assert load_or_run(tmp_path, "nb", "rec", {"a": (1, 3)}, {"seeds": [0]}, compute, seed=[0])["metrics"] == {"x": 3}
+    path.write_text(path.read_text().replace('"x": 3', '"x": 99'))  # edited by hand: not what this checkout wrote
+    assert load_or_run(tmp_path, "nb", "rec", {"a": (1, 3)}, {"seeds": [0]}, compute, seed=[0])["metrics"] == {"x": 4}
+    monkeypatch.setattr(experiment, "library_hash", lambda: "other-code")
+    assert load_or_run(tmp_path, "nb", "rec", {"a": (1, 3)}, {"seeds": [0]}, compute, seed=[0])["metrics"] == {"x": 5}
+    assert read_results(path)["protocol"]["identity"]["library"] == "other-code"
+
+
+def _helper(x):
+    return x * 2
+
+
+def _uses_helper(x):
+    return [_helper(v) for v in x]
+
+
+def test_source_id_follows_helpers_defined_beside_it(monkeypatch):
+    before = source_id(_uses_helper)
+
+    def _edited_helper(x):
+        return x * 3
+
+    monkeypatch.setitem(globals(), "_helper", _edited_helper)
+    assert source_id(_uses_helper) != before, "editing a helper (called inside a comprehension) must change the id"
+
+
+def test_source_id_changes_with_the_source():
+    def f(x):
+        return x + 1
+
+    def g(x):
+        return x + 2
+
+    assert source_id(f) != source_id(g)
+    assert source_id(f) == source_id(f)
