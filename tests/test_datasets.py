@@ -36,12 +36,13 @@ def test_atomic_files_get_normal_permissions(tmp_path):
 
     from vidret_lib.cache import save_json
 
-    old = os.umask(0o022)
-    try:
-        path = save_json(tmp_path / "x.json", {})
-    finally:
-        os.umask(old)
-    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    for umask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):  # the umask at write time counts
+        old = os.umask(umask)
+        try:
+            path = save_json(tmp_path / f"x{umask}.json", {})
+        finally:
+            os.umask(old)
+        assert oct(path.stat().st_mode & 0o777) == oct(mode)
 
 
 def test_save_json_keeps_number_arrays_on_one_line_and_round_trips(tmp_path):
@@ -61,3 +62,33 @@ def test_save_json_keeps_number_arrays_on_one_line_and_round_trips(tmp_path):
         assert "a [1,  2]" in text or "a [1,  2]" not in json.dumps(obj), "strings must be left alone"
     save_json(path, {"hits": [1, 0, 1], "scores": [0.5, -1e-05]})
     assert '"hits": [1, 0, 1]' in path.read_text() and '"scores": [0.5, -1e-05]' in path.read_text()
+
+
+def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
+    from vidret_lib.cache import atomic_write
+
+    target = tmp_path / "x.txt"
+    target.write_text("old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, half_then_fail)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]
+    atomic_write(tmp_path / "new.txt", lambda tmp: tmp.write_text("done"))
+    assert (tmp_path / "new.txt").read_text() == "done" and len(list(tmp_path.iterdir())) == 2
+
+
+def test_damaged_npz_is_named(tmp_path):
+    import numpy as np
+
+    from vidret_lib.cache import load_npz, save_npz
+
+    path = save_npz(tmp_path / "f.npz", a=np.arange(3))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"f\.npz is unreadable .*delete it to recompute"):
+        load_npz(path)
+    with pytest.raises(FileNotFoundError, match="absent.npz does not exist"):
+        load_npz(tmp_path / "absent.npz")

@@ -48,8 +48,9 @@ def test_run_variant_trains_each_seed_and_reuses_the_record(tmp_path, splits, co
     assert counted_train == [0, 1], "an unchanged variant must be loaded, not retrained"
     assert again["metrics"] == first["metrics"]
     # the recorded test metrics are those of the seed's val-selected model
-    model = train(dataclasses.replace(CONFIG, seed=1), tr, va).model
-    assert first["metrics"]["runs"][1]["test"]["plain"]["selected"] == evaluate(model, te)
+    result = train(dataclasses.replace(CONFIG, seed=1), tr, va)
+    assert first["metrics"]["runs"][1]["test"]["plain"]["selected"] == evaluate(result.model, te)
+    assert first["metrics"]["runs"][1]["test"]["plain"]["last"] == evaluate(result.model_at("last"), te)
     r1 = [r["test"]["plain"]["selected"]["t2v"]["R1"] for r in first["metrics"]["runs"]]
     assert first["metrics"]["summary"]["plain"]["selected"]["t2v_R1"]["mean"] == pytest.approx(np.mean(r1))
     assert first["metrics"]["summary"]["plain"]["selected"]["t2v_R1"]["std"] == pytest.approx(np.std(r1))
@@ -60,6 +61,7 @@ CHANGES = {
     "seeds": {"seeds": [1]},
     "data_key": {"data_key": "data-b"},
     "evals": {"evals": {"plain": {}, "dsl": {"rerank": "dsl"}}},
+    "eval_arguments": {"evals": {"plain": {"rerank": "dsl", "dsl_temp": 0.5}}},  # same name, other arguments
 }
 
 
@@ -145,3 +147,38 @@ def test_source_id_changes_with_the_source():
 
     assert source_id(f) != source_id(g)
     assert source_id(f) == source_id(f)
+
+
+def test_a_changed_prior_split_is_a_changed_evaluation(tmp_path, splits, counted_train):
+    tr, va, te = splits
+    for prior in (tr, tr, va):
+        run_variant("v", CONFIG, [0], tr, va, te, str(tmp_path), "nb", "data-a",
+                    evals={"qb": {"rerank": "qb_norm", "prior": prior}})
+    assert counted_train == [0, 0], "the same prior reuses the record, another prior recomputes it"
+
+
+def test_a_run_killed_at_one_seed_keeps_the_seeds_before_it(tmp_path, splits, monkeypatch):
+    tr, va, te = splits
+    calls = []
+
+    def dies_at_seed_1(config, *args, **kwargs):
+        calls.append(config.seed)
+        if config.seed == 1:
+            raise KeyboardInterrupt("killed")
+        return train(config, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "train", dies_at_seed_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_variant("v", CONFIG, [0, 1], tr, va, te, str(tmp_path), "nb", "data-a")
+    assert not (tmp_path / "nb" / "v.json").exists(), "no record of a variant whose seeds did not all finish"
+
+    def counting(config, *args, **kwargs):
+        calls.append(config.seed)
+        return train(config, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "train", counting)
+    rec = run_variant("v", CONFIG, [0, 1], tr, va, te, str(tmp_path), "nb", "data-a")
+    assert calls == [0, 1, 1], "the rerun trains only the seed that did not finish"
+    assert [r["seed"] for r in rec["metrics"]["runs"]] == [0, 1]
+    run_variant("v", CONFIG, [0, 1, 2], tr, va, te, str(tmp_path), "nb", "data-a")
+    assert calls == [0, 1, 1, 2], "adding a seed to the list trains only that seed"

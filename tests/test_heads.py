@@ -84,6 +84,24 @@ def test_seqtransf_masks_padded_frames_and_uses_positions():
     assert head.init_source.startswith("random")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_seqtransf_output_is_blocks_plus_positions_plus_residual(dtype):
+    # with every block's output projections at zero each block is the identity, so the head returns
+    # (frames + position embeddings) + frames: this checks the residual and the positions exactly
+    torch.manual_seed(0)
+    head = SeqTransf(16, layers=2).to(dtype)
+    with torch.no_grad():
+        for block in head.blocks:
+            for proj in (block.attn.out_proj, block.mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+    x = torch.randn(3, 5, 16, dtype=dtype)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    pos = head.frame_position_embeddings.weight[:5]
+    expected = torch.stack([torch.stack([2 * x[v, f] + pos[f] for f in range(5)]) for v in range(3)])
+    assert torch.allclose(head(x, mask), expected, **TOL[dtype])
+
+
 def test_seqtransf_initialised_from_clip_text_transformer():
     enc = tiny_encoder(dim=64, text_width=64)
     init = clip_text_init(enc, 64, layers=4)
@@ -100,18 +118,24 @@ def test_seqtransf_initialised_from_clip_text_transformer():
     assert clip_text_init(tiny_encoder(dim=64, text_width=32), 64) is None
 
 
-def test_title_fusion_starts_as_normalised_sum_and_r_vt():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_title_fusion_starts_as_normalised_sum_and_r_vt(dtype):
     g = torch.Generator().manual_seed(1)
-    v = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
-    t = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    v = F.normalize(torch.randn(5, 8, generator=g, dtype=dtype), dim=-1)
+    t = F.normalize(torch.randn(5, 8, generator=g, dtype=dtype), dim=-1)
     with torch.no_grad():
-        fused = TitleFusion(8)(v, t)
-    assert torch.allclose(fused, F.normalize(v + t, dim=-1))
+        fused = TitleFusion(8).to(dtype)(v, t)
+    assert torch.allclose(fused, F.normalize(v + t, dim=-1), **TOL[dtype])
+    # R_vt on inputs where it is not 1: un-normalised, different norms, a fused vector leaning to vision
+    vision, title = 3.0 * v, 0.5 * t
+    leaning = 2.0 * v + t
     expected = []
     for i in range(5):
         cos = lambda a, b: float((a @ b) / (a.norm() * b.norm()))  # noqa: E731
-        expected.append(cos(v[i], fused[i]) / cos(t[i], fused[i]))
-    assert torch.allclose(r_vt(v, t, fused), torch.tensor(expected), atol=1e-6)
+        expected.append(cos(vision[i], leaning[i]) / cos(title[i], leaning[i]))
+    got = r_vt(vision, title, leaning)
+    assert got.dtype == dtype and torch.allclose(got, torch.tensor(expected, dtype=dtype), **TOL[dtype])
+    assert (got > 1).all(), "a fused vector closer to vision gives R_vt > 1"
 
 
 def naive_cos(a, b):

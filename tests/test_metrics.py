@@ -245,10 +245,11 @@ def test_msrvtt_1ka_duplicate_sentences_one_rank_per_query():
 # ---------------------------------------------------------------- both directions with several captions
 
 
-def test_both_directions_with_caption_video():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_both_directions_with_caption_video(dtype):
     rng = np.random.default_rng(7)
     caption_video = np.repeat(np.arange(6), 3)[rng.permutation(18)]  # 18 captions, 3 per video
-    sim = random_sim(rng, (18, 6), np.float64, tied=True)
+    sim = random_sim(rng, (18, 6), dtype, tied=True)
     for ties in TIES:
         got = both_directions(sim, caption_video, ties=ties)
         video_captions = [np.flatnonzero(caption_video == v) for v in range(6)]

@@ -1,6 +1,7 @@
 """Profiles, the notebooks' parameters cells, and committed notebooks without outputs."""
 import ast
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -68,3 +69,50 @@ def test_unknown_parameter_is_an_error(tmp_path, monkeypatch):
 def test_missing_profile_is_named():
     with pytest.raises(FileNotFoundError, match="no profile 'nope'"):
         profiles.profile_params("nope", "01_x")
+
+
+def test_reproduce_checks_every_notebook_before_running_any(tmp_path, monkeypatch):
+    from vidret_lib import reproduce
+
+    last = NOTEBOOKS[-1].stem
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({last: {"typo_lr": 1.0}}))
+    monkeypatch.setattr(profiles, "PARAMS_DIR", tmp_path)
+    ran = []
+    monkeypatch.setattr(reproduce, "run_notebook", lambda path, *a: ran.append(path) or "ran")
+    with pytest.raises(SystemExit, match=rf"unknown parameter\(s\) \['typo_lr'\] for notebook {last}"):
+        reproduce.main(["--profile", "bad"])
+    assert ran == [], "a typo in the last notebook's parameters must stop the run before the first notebook"
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump({}))
+    assert reproduce.main(["--profile", "good"]) == 0 and ran == NOTEBOOKS
+
+
+def test_run_notebook_skips_up_to_date_work_and_names_the_failing_cell(tmp_path, monkeypatch):
+    import papermill as pm
+
+    from vidret_lib import reproduce
+
+    monkeypatch.setattr(reproduce, "EXECUTED_DIR", tmp_path)
+    calls = []
+
+    def execute(src, out, **kw):
+        calls.append(kw["parameters"])
+        Path(out).write_text("{}")
+
+    monkeypatch.setattr(pm, "execute_notebook", execute)
+    nb = NOTEBOOKS[-1]
+    assert reproduce.run_notebook(nb, "default") == "ran"
+    assert reproduce.run_notebook(nb, "default") == "up to date" and len(calls) == 1
+    assert reproduce.run_notebook(nb, "smoke") == "ran" and len(calls) == 2, "another profile is other work"
+    stamp = tmp_path / "default" / nb.with_suffix(".stamp").name
+    stamp.write_text("stale")  # as after an edit of the notebook or the library
+    assert reproduce.run_notebook(nb, "default") == "ran" and len(calls) == 3
+    assert reproduce.run_notebook(nb, "default", force=True) == "ran" and len(calls) == 4
+
+    def fail(src, out, **kw):
+        raise pm.PapermillExecutionError(5, 7, "x = 1 / 0", "ZeroDivisionError", "division by zero", [])
+
+    monkeypatch.setattr(pm, "execute_notebook", fail)
+    stamp.write_text("stale")
+    with pytest.raises(SystemExit, match=r"failed in cell 5 \(execution count 7\): ZeroDivisionError: division by zero"):
+        reproduce.run_notebook(nb, "default")
+    assert not stamp.exists(), "a failed notebook must not look up to date"

@@ -337,3 +337,45 @@ def test_evaluate_scores_cpu_features_with_a_cuda_model():
                          torch.ones(4, 3, dtype=torch.bool), torch.arange(4))
     model = build_model(TrainConfig(device="cuda"), 8)
     assert evaluate(model, split) == evaluate(model.cpu(), split)
+
+
+def test_select_val_keeps_the_best_epoch_not_the_last(monkeypatch):
+    # a scripted val curve whose best epoch (4, tied with 2: the later wins) is not the last
+    import vidret_lib.train as train_module
+
+    curve = iter([10.0, 30.0, 20.0, 30.0, 5.0])
+    monkeypatch.setattr(train_module, "evaluate", lambda model, split: {"t2v": {"R1": next(curve)}, "v2t": {"R1": 0.0}})
+    result = train(TrainConfig(epochs=5, batch_size=8, lr=3e-2, select="val"), toy_split(16, 1), toy_split(8, 1, seed=1))
+    assert result.chosen_epoch == 4
+    assert any(not torch.equal(result.selected_state[k], result.last_state[k]) for k in result.last_state)
+    assert all(torch.equal(v, result.model.state_dict()[k]) for k, v in result.selected_state.items())
+
+
+@pytest.mark.parametrize("mode", ["mask", "keep"])
+def test_training_masks_same_video_and_same_sentence_pairs(monkeypatch, mode):
+    import vidret_lib.train as train_module
+
+    split = toy_split(6, 3)  # 3 captions per video: caption sampling puts same-video pairs in a batch
+    split.text[1] = split.text[7]  # caption 1 (video 0) and caption 7 (video 2) are the same sentence
+    seen = []
+    real = train_module.compute_loss
+
+    def spy(config, model, text, vision, fn_mask, *args):
+        seen.append(fn_mask)
+        return real(config, model, text, vision, fn_mask, *args)
+
+    monkeypatch.setattr(train_module, "compute_loss", spy)
+    batches = []
+    real_batches = train_module._epoch_batches
+    monkeypatch.setattr(train_module, "_epoch_batches",
+                        lambda *a: [b for b in real_batches(*a) if batches.append(b) or True])
+    train(TrainConfig(epochs=2, batch_size=6, lr=1e-2, sampling="caption", select="last", false_negatives=mode), split)
+    assert len(seen) == len(batches) == 2 * 3
+    cv = split.caption_video
+    for (caps, _videos), got in zip(batches, seen):
+        if mode == "keep":
+            assert got is None
+            continue
+        expected = torch.tensor([[i != j and (cv[a] == cv[b] or a in (1, 7) and b in (1, 7))
+                                  for j, b in enumerate(caps.tolist())] for i, a in enumerate(caps.tolist())])
+        assert torch.equal(got.cpu(), expected)

@@ -12,14 +12,13 @@ import json
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 T = TypeVar("T")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def cache_key(name: str, **parts: Any) -> str:
@@ -50,7 +49,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
+    umask = os.umask(0)  # read the process umask (there is no getter) and put it back
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
@@ -112,9 +113,14 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read every array of an ``.npz`` file into memory."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    """Read every array of an ``.npz`` file into memory, naming the file if it is damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is unreadable ({err}); delete it to recompute") from None
 
 
 def load_or_compute(

@@ -78,13 +78,32 @@ class Dataset:
     def split_names(self) -> list[str]:
         return sorted(p.stem for p in (self.root / "splits").glob("*.json"))
 
-    def split(self, name: str, present_only: bool = False) -> Split:
-        """Split ``name``; with ``present_only``, only caption rows whose video is present.
+    def caption_rows(self, name: str, present_only: bool = False) -> list[dict[str, Any]]:
+        """The caption records of split ``name`` as stored: ``video_id``, ``sentence`` and any
+        per-caption labels the dataset adds (ShapeMotion: ``facts``, ``underspecified``, ...).
 
-        Data prep marks each video record with a ``status`` (``"ok"``, ``"missing"``,
-        ``"unreadable"``); records without one (ShapeMotion writes its own files) count as
-        present. A partly downloaded MSR-VTT is evaluated on the present part, named
-        ``<name>.present``.
+        ``present_only`` keeps the rows whose video is present. Data prep marks each video record
+        with a ``status`` (``"ok"``, ``"missing"``, ``"unreadable"``); records without one
+        (ShapeMotion writes its own files) count as present. Row i is caption i of
+        :meth:`split` with the same arguments.
+        """
+        path = self.root / "splits" / f"{name}.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: dataset {self.name!r} has splits {self.split_names()}"
+            )
+        rows = load_json(path)["captions"]
+        unknown = sorted({c["video_id"] for c in rows} - set(self.videos))
+        if unknown:
+            raise ValueError(f"{path} names videos absent from videos.json: {unknown[:5]} ...")
+        if present_only:
+            rows = [c for c in rows if self.videos[c["video_id"]].get("status", "ok") == "ok"]
+        return rows
+
+    def split(self, name: str, present_only: bool = False) -> Split:
+        """Split ``name``; with ``present_only``, only caption rows whose video is present
+        (:meth:`caption_rows`): a partly downloaded MSR-VTT is evaluated on the present part,
+        named ``<name>.present``.
 
         Example:
             >>> import tempfile
@@ -96,19 +115,9 @@ class Dataset:
             >>> sp.name, sp.sentences, sp.video_ids
             ('test.present', ['x'], ['a'])
         """
-        path = self.root / "splits" / f"{name}.json"
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} does not exist: dataset {self.name!r} has splits {self.split_names()}"
-            )
-        caps = load_json(path)["captions"]
-        unknown = sorted({c["video_id"] for c in caps} - set(self.videos))
-        if unknown:
-            raise ValueError(f"{path} names videos absent from videos.json: {unknown[:5]} ...")
-        if present_only:
-            caps = [c for c in caps if self.videos[c["video_id"]].get("status", "ok") == "ok"]
-            name = f"{name}.present"
-        return Split(name, [c["sentence"] for c in caps], [c["video_id"] for c in caps])
+        rows = self.caption_rows(name, present_only)
+        return Split(f"{name}.present" if present_only else name, [c["sentence"] for c in rows],
+                     [c["video_id"] for c in rows])
 
     def manifest(self) -> dict[str, Any]:
         """The data-prep manifest (expected vs present videos), or {} if there is none."""

@@ -22,7 +22,7 @@ import numpy as np
 from .cache import atomic_write
 from .heads import RetrievalModel
 from .results import read_results, write_results
-from .train import FeatureSplit, TrainConfig, evaluate, train
+from .train import FeatureSplit, RawSplit, TrainConfig, evaluate, train
 
 LIBRARY_DIR = Path(__file__).resolve().parent
 
@@ -55,6 +55,19 @@ def summarize(values: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, 
 def _jsonable(value: Any) -> Any:
     """``value`` as it reads back from a JSON file (tuples become lists), for comparisons."""
     return json.loads(json.dumps(value))
+
+
+def _argument_id(value: Any) -> Any:
+    """An evaluation argument as it enters a record's identity: a split (the QB-Norm ``prior``)
+    by a hash of its tensors, anything else as it is."""
+    if isinstance(value, FeatureSplit):
+        h = hashlib.sha256()
+        for t in (value.text, value.video, value.mask, value.caption_video):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return f"FeatureSplit-{h.hexdigest()[:16]}"
+    if isinstance(value, RawSplit):
+        return "RawSplit-" + hashlib.sha256(json.dumps(list(value.sentences)).encode()).hexdigest()[:16]
+    return value
 
 
 def source_id(fn: Callable) -> str:
@@ -163,7 +176,10 @@ def run_variant(
     ``analyses`` (optional) names functions ``fn(model) -> dict`` (JSON-able) run on the selected
     and the last weights of every seed, so that a notebook looks inside its trained models without
     training them again; their source is part of the reuse check.
-    ``data_key`` names the features (dataset + splits + encoder), part of the reuse check.
+    ``data_key`` names the features (dataset + splits + encoder), part of the reuse check;
+    so are the evaluations' arguments (a ``prior`` split by a hash of its tensors). Each seed's
+    run is kept as it finishes (``.local/runs/`` beside the record, git-ignored), so a killed
+    run resumes at the seed it stopped in and a longer seed list trains only the new seeds.
     ``encoder`` (optional) is passed to :func:`~vidret_lib.train.train`, so that seqTransf starts
     from the encoder's CLIP text layers when they fit (CLIP4Clip's init; random otherwise).
     The record's ``metrics`` hold ``runs`` (per seed: chosen epoch, loss history, test
@@ -173,30 +189,38 @@ def run_variant(
     """
     evals = evals or {"plain": {}}
     analyses = analyses or {}
-    identity = {"seeds": list(seeds), "data_key": data_key, "evals": sorted(evals),
-                "init_encoder": None if encoder is None else encoder.cache_id,
-                "analyses": {a: source_id(fn) for a, fn in sorted(analyses.items())}}
+    seed_identity = {"data_key": data_key,
+                     "evals": {e: {k: _argument_id(v) for k, v in sorted(kw.items())} for e, kw in sorted(evals.items())},
+                     "init_encoder": None if encoder is None else encoder.cache_id,
+                     "analyses": {a: source_id(fn) for a, fn in sorted(analyses.items())}}
+
+    def one_seed(seed: int) -> dict[str, Any]:
+        result = train(dataclasses.replace(config, seed=seed), train_split, val_split, encoder=encoder)
+        weights = {"selected": result.model, "last": result.model_at("last")}
+        test = {
+            e: {which: evaluate(model, test_split, **kw) for which, model in weights.items()}
+            for e, kw in evals.items()
+        }
+        history = [{"epoch": h["epoch"], "loss": h["loss"], "val": h["val"]} for h in result.history]
+        run = {"seed": seed, "chosen_epoch": result.chosen_epoch, "history": history, "test": test}
+        if analyses:
+            run["analyses"] = {a: {which: fn(model) for which, model in weights.items()} for a, fn in analyses.items()}
+        return run
 
     def compute() -> dict[str, Any]:
-        runs = []
-        for seed in seeds:
-            result = train(dataclasses.replace(config, seed=seed), train_split, val_split, encoder=encoder)
-            weights = {"selected": result.model, "last": result.model_at("last")}
-            test = {
-                e: {which: evaluate(model, test_split, **kw) for which, model in weights.items()}
-                for e, kw in evals.items()
-            }
-            history = [{"epoch": h["epoch"], "loss": h["loss"], "val": h["val"]} for h in result.history]
-            run = {"seed": seed, "chosen_epoch": result.chosen_epoch, "history": history, "test": test}
-            if analyses:
-                run["analyses"] = {a: {which: fn(model) for which, model in weights.items()} for a, fn in analyses.items()}
-            runs.append(run)
+        # each seed is its own record in the git-ignored .local/runs/ (this checkout's scratch): a run
+        # killed at seed k keeps seeds before k, and adding a seed to the list trains only that seed
+        scratch = Path(results_dir) / notebook / ".local"
+        runs = [load_or_run(scratch, "runs", f"{name}.seed{seed}", config, {**seed_identity, "seed": seed},
+                            lambda: one_seed(seed), seed=seed, device=config.device)["metrics"]
+                for seed in seeds]
         summary = {
             e: {which: summarize([r["test"][e][which] for r in runs]) for which in ("selected", "last")}
             for e in evals
         }
         return {"runs": runs, "summary": summary}
 
+    identity = {"seeds": list(seeds), **seed_identity}
     protocol = {"select": config.select, "false_negatives": config.false_negatives, **(protocol or {})}
     return load_or_run(results_dir, notebook, name, config, identity, compute, seed=list(seeds),
                        device=config.device, protocol=protocol)

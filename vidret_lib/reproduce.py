@@ -41,12 +41,20 @@ def code_stamp(notebook: Path, params: dict, profile: str) -> str:
     return h.hexdigest()
 
 
-def run_notebook(path: Path, profile: str, force: bool = False) -> str:
-    """Execute one notebook; return "ran" or "up to date". Raises SystemExit on failure."""
+def checked_params(path: Path, profile: str) -> dict:
+    """The profile's parameters for one notebook; a name the notebook does not define is an error."""
     import papermill as pm
 
     params = profile_params(profile, path.stem)
     check_names(params, set(pm.inspect_notebook(str(path))), f"notebook {path.name}")
+    return params
+
+
+def run_notebook(path: Path, profile: str, force: bool = False) -> str:
+    """Execute one notebook; return "ran" or "up to date". Raises SystemExit on failure."""
+    import papermill as pm
+
+    params = checked_params(path, profile)
     out = EXECUTED_DIR / profile / path.name
     stamp_file = out.with_suffix(".stamp")
     stamp = code_stamp(path, params, profile)
@@ -77,8 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("VIDRET_PROGRESS", "0")
     os.environ.pop("VIDRET_SMOKE", None)  # the profile decides sizes here, not the environment
+    paths = notebook_paths(args.only)
+    try:  # every notebook's parameters are checked before any runs: a typo costs no computed work
+        for path in paths:
+            checked_params(path, args.profile)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"reproduce: {err}") from None
     total = time.perf_counter()
-    for path in notebook_paths(args.only):
+    for path in paths:
         start = time.perf_counter()
         print(f"[{args.profile}] {path.name} ...", flush=True)
         status = run_notebook(path, args.profile, args.force)
