@@ -1,6 +1,7 @@
 """Profiles, the notebooks' parameters cells, and committed notebooks without outputs."""
 import ast
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,10 @@ def test_missing_profile_is_named():
 def test_reproduce_checks_every_notebook_before_running_any(tmp_path, monkeypatch):
     from vidret_lib import reproduce
 
+    # main() sets the environment its notebook kernels inherit (it drops VIDRET_SMOKE): setenv makes
+    # monkeypatch restore both variables, or every later nbval notebook would run at full size
+    monkeypatch.setenv(profiles.SMOKE_ENV, os.environ.get(profiles.SMOKE_ENV, "1"))
+    monkeypatch.setenv("VIDRET_PROGRESS", os.environ.get("VIDRET_PROGRESS", "0"))
     last = NOTEBOOKS[-1].stem
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({last: {"typo_lr": 1.0}}))
     monkeypatch.setattr(profiles, "PARAMS_DIR", tmp_path)
@@ -116,3 +121,8 @@ def test_run_notebook_skips_up_to_date_work_and_names_the_failing_cell(tmp_path,
     with pytest.raises(SystemExit, match=r"failed in cell 5 \(execution count 7\): ZeroDivisionError: division by zero"):
         reproduce.run_notebook(nb, "default")
     assert not stamp.exists(), "a failed notebook must not look up to date"
+
+
+def test_the_test_session_stays_on_the_smoke_profile():
+    # runs after the reproduce tests above: nbval's notebooks read this variable from the environment
+    assert os.environ.get(profiles.SMOKE_ENV) == "1"
