@@ -259,6 +259,18 @@ def test_both_directions_with_caption_video(dtype):
     assert flat["t2v_R1"] == got["t2v"]["R1"] and flat["v2t_MnR"] == got["v2t"]["MnR"] and len(flat) == 12
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_both_directions_with_ranks_gives_each_querys_brute_force_rank(dtype):
+    rng = np.random.default_rng(8)
+    caption_video = np.repeat(np.arange(5), 2)[rng.permutation(10)]
+    sim = random_sim(rng, (10, 5), dtype, tied=True)
+    got = both_directions(sim, caption_video, with_ranks=True)
+    video_captions = [np.flatnonzero(caption_video == v) for v in range(5)]
+    assert got["t2v"]["ranks"] == brute_force_ranks(sim, [[v] for v in caption_video], "pessimistic")
+    assert got["v2t"]["ranks"] == brute_force_ranks(sim.T, video_captions, "pessimistic")
+    assert "ranks" not in both_directions(sim, caption_video)["t2v"]
+
+
 # ---------------------------------------------------------------- bad input
 
 

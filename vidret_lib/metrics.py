@@ -249,11 +249,14 @@ def _captions_per_video(cv: np.ndarray, n_text: int, n_video: int) -> list[np.nd
     return np.split(order, np.cumsum(counts)[:-1])
 
 
-def both_directions(sim, caption_video=None, ties: str = "pessimistic", chunk_size: int = 256) -> dict:
+def both_directions(sim, caption_video=None, ties: str = "pessimistic", chunk_size: int = 256,
+                    with_ranks: bool = False) -> dict:
     """Text-to-video and video-to-text metrics of a (N_text, N_video) text->video score matrix.
 
     ``caption_video[i]`` is the video of caption i (default: the diagonal, square ``sim``). t2v ranks each
     caption's video; v2t ranks, for each video, the best of all its captions in ``sim.T``.
+    ``with_ranks=True`` adds each query's 1-based rank (``"ranks"``: a list of floats, one per query,
+    in row order) to each direction, for paired statistics over queries (:mod:`vidret_lib.stats`).
 
     Example:
         >>> sim = np.array([[0.9, 0.1], [0.7, 0.2], [0.3, 0.6]])   # captions 0, 1 -> video 0
@@ -268,10 +271,11 @@ def both_directions(sim, caption_video=None, ties: str = "pessimistic", chunk_si
     else:
         t2v_targets = _as_index_array(caption_video, "caption_video")
         v2t_targets = _captions_per_video(t2v_targets, n_text, n_video)
-    return {
-        "t2v": retrieval_metrics(sim, t2v_targets, ties=ties, chunk_size=chunk_size),
-        "v2t": retrieval_metrics(sim.T, v2t_targets, ties=ties, chunk_size=chunk_size),
-    }
+    out = {}
+    for direction, scores, targets in (("t2v", sim, t2v_targets), ("v2t", sim.T, v2t_targets)):
+        ranks = query_ranks(scores, targets, ties=ties, chunk_size=chunk_size)
+        out[direction] = summarize_ranks(ranks) | ({"ranks": ranks.tolist()} if with_ranks else {})
+    return out
 
 
 def flatten_metrics(by_direction: dict) -> dict:

@@ -593,6 +593,7 @@ def evaluate(
     dsl_temp: float = 1.0,
     qb_beta: float = 20.0,
     qb_k: int = 1,
+    with_ranks: bool = False,
 ) -> dict:
     """R@1/5/10, MdR, MnR of both directions on ``split``: ``{"t2v": {...}, "v2t": {...}}``.
 
@@ -601,7 +602,8 @@ def evaluate(
     whole test matrix -- **transductive**; ``"qb_norm"``, QB-Norm with a querybank from
     ``prior`` (the *training* split): its captions for t2v, its videos for v2t (beta, k as the
     repository's defaults). ``modality`` picks MBVR's ``"fused"``, ``"vision"`` or ``"title"``
-    video embedding. Several captions per video are handled by ``caption_video``.
+    video embedding. Several captions per video are handled by ``caption_video``. ``with_ranks=True``
+    adds each query's rank to each direction (:func:`vidret_lib.metrics.both_directions`).
     """
     if rerank not in RERANKS:
         raise ValueError(f"unknown rerank {rerank!r}; valid values: {RERANKS}")
@@ -616,20 +618,20 @@ def evaluate(
     sim = _similarity(model, split.text, split, modality)  # (N_text, N_video) cosine
     cv = split.caption_video
     if rerank == "none":
-        out = both_directions(sim, cv)
+        out = both_directions(sim, cv, with_ranks=with_ranks)
     elif rerank == "dsl":
         scaled = logit_scale * sim
         out = {
-            "t2v": both_directions(dual_softmax_rerank(scaled, dsl_temp, "t2v"), cv)["t2v"],
-            "v2t": both_directions(dual_softmax_rerank(scaled, dsl_temp, "v2t"), cv)["v2t"],
+            "t2v": both_directions(dual_softmax_rerank(scaled, dsl_temp, "t2v"), cv, with_ranks=with_ranks)["t2v"],
+            "v2t": both_directions(dual_softmax_rerank(scaled, dsl_temp, "v2t"), cv, with_ranks=with_ranks)["v2t"],
         }
     else:
         prior = (featurize(model, prior) if isinstance(prior, RawSplit) else prior).to(device)
         bank_t2v = _similarity(model, prior.text, split, modality)  # (N_train, V): training captions x test videos
         bank_v2t = _similarity(model, split.text, prior, modality).T  # (V_train, N): training videos x test captions
         out = {
-            "t2v": both_directions(qb_norm_rerank(sim, bank_t2v, qb_beta, qb_k), cv)["t2v"],
-            "v2t": both_directions(qb_norm_rerank(sim.T, bank_v2t, qb_beta, qb_k).T, cv)["v2t"],
+            "t2v": both_directions(qb_norm_rerank(sim, bank_t2v, qb_beta, qb_k), cv, with_ranks=with_ranks)["t2v"],
+            "v2t": both_directions(qb_norm_rerank(sim.T, bank_v2t, qb_beta, qb_k).T, cv, with_ranks=with_ranks)["v2t"],
         }
     model.train(was_training)
     return out
