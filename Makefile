@@ -8,7 +8,7 @@ PROFILE ?= default
 STAMP := $(VENV)/.vidret-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help env test test-fast reproduce benchmarks clean-executed
+.PHONY: help env test test-fast reproduce lab site benchmarks clean-executed
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -19,7 +19,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
-	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (vidret .venv)" >/dev/null
 	@touch $@
 
 env: $(STAMP)  ## create or update the virtual environment (.venv) from requirements.txt
@@ -35,6 +35,17 @@ benchmarks: $(STAMP)  ## print speed and memory figures (not tests)
 
 reproduce: $(STAMP)  ## run every notebook headless (PROFILE=default|smoke|msrvtt-gpu), write results/ and figures/
 	$(PY) -m vidret_lib.reproduce --profile $(PROFILE)
+
+# JupyterLab serves notebooks/ on 127.0.0.1 only; new notebooks get the project's kernel (python3,
+# installed into .venv above, so kernels run .venv's python with vidret_lib). allow_root: CI and
+# containers run as root, where jupyter_server refuses to start without it. LAB_ARGS adds options
+# (tests/test_lab.py passes --port and --no-browser, and reads the printed URL and its token).
+lab: $(STAMP)  ## JupyterLab on the project's kernel in notebooks/; prints the URL to open (Ctrl-C stops it)
+	$(PY) -m jupyterlab --ServerApp.root_dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.allow_root=True \
+	  --MappingKernelManager.default_kernel_name=python3 $(LAB_ARGS)
+
+site: $(STAMP)  ## static HTML site (_site/PROFILE/index.html) of the notebooks `make reproduce` executed; no re-execution
+	$(PY) tools/build_site.py --profile $(PROFILE)
 
 clean-executed:  ## forget executed notebooks (the next reproduce re-runs them; caches are kept)
 	rm -rf executed/

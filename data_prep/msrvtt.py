@@ -16,7 +16,12 @@ Sources. ``--from DIR`` searches DIR recursively for files by name:
   ``MSRVTT_JSFUSION_test.csv`` (``key,vid_key,video_id,sentence``): the retrieval splits of
   CLIP4Clip and EMCL (ArrowLuo/CLIP4Clip release v0.0 ``msrvtt_data.zip``).
 - ``category.txt`` (``name<TAB>index``, also inside ``train_val_annotation.zip``): category
-  names; without it every video's ``category`` is None.
+  names. A folder without one (the ``--download`` archives have none) gets the shipped
+  ``data_prep/msrvtt_category.txt``, a byte-for-byte copy of ``category.txt`` from the 2016
+  release's ``train_val_annotation.zip`` (20 lines, ``music 0`` to ``advertisement 19``,
+  CRLF line ends; sha256
+  9e5c31c2e439723c7e56a61c6042d9021e1a69e6128c636140e807145c20b1ed). The manifest
+  records which file named the categories (``annotations.category_names_from``).
 - videos: every file named ``video<N>.mp4`` anywhere under DIR (the first in sorted path
   order wins if one appears twice).
 
@@ -53,11 +58,39 @@ train_7k, so a model selected on ``val`` must be trained on ``train_9k_noval`` o
 also holds 1,990 of the test_full videos (use train_7k with test_full); no test_1ka video
 is in train_9k.
 
+Annotation checks (the official files pass them all and lose nothing):
+
+- Refused, with a ValueError naming the file and the line (or JSON index) and what to do:
+  a file that is not UTF-8 text (a leading BOM is allowed; the byte offset is named); a
+  CSV row with the wrong number of fields, a ``video_id`` not ``video0`` ... ``video9999``
+  (no leading zeros), a ``video_id`` already on an earlier row of the same CSV (the
+  official CSVs repeat none), an empty or blank 1k-A ``sentence``; a JSON ``videos[i]`` or
+  ``sentences[i]`` that is not an object or has a bad ``video_id``, a video listed twice
+  (in either JSON file), a ``category`` that is not an index in the category names, a
+  ``caption`` that is absent, null, a number or anything but a string, a sentence whose
+  video is in no ``videos`` list, a ``sen_id`` that is not an integer or repeats an
+  earlier one (a doubled entry); a ``category.txt`` line that is not ``name<TAB>index``,
+  or repeats an index. Split files and category names are small and hand-checked, so any
+  fault there means a wrong or damaged file.
+- Dropped and counted: a JSON caption that is empty or blank (one lost caption among
+  200,000 should not stop a run); ``manifest.json`` lists each under
+  ``annotations.dropped_empty_captions``.
+- Kept and counted: a JSON video without a ``category`` (absent or null) gets category
+  None, listed under ``annotations.videos_without_category`` with the CSV ids that have
+  no JSON entry at all (``csv_ids_without_captions``).
+- Kept as is: the same caption twice for one video (14,632 such repeats in the official
+  files: different annotators) and the same 1k-A sentence for different videos (4
+  sentences on 9 rows, 995 distinct of 1,000: real video-to-text ties).
+
+:func:`describe` (printed by the CLI and notebook 00) reports every drop, every video
+without a category, every CSV id without captions and where the category names came from.
+
 Outputs besides the layout's files: ``manifest.json`` (where each input came from, the
 downloads and their sha256, expected/present/missing/unreadable videos per split, the ids of
 missing videos, each unreadable file with the reason, CSV ids without captions, split
-overlaps) and ``summary.json`` (per split: videos, captions, distinct sentences, the same
-for the present part, missing and unreadable counts). A video is *present* when its file
+overlaps, and ``annotations``: where the category names came from, dropped empty captions,
+videos without a category) and ``summary.json`` (per split: videos, captions, distinct
+sentences, the same for the present part, missing and unreadable counts). A video is *present* when its file
 exists, is not empty, and decord opens it with more than 0 frames (a cheap check: a file
 damaged further in is caught later by the frame sampler, which masks unreadable frames).
 ``videos.json`` records ``status`` ("ok", "missing" or "unreadable"); a missing video's
@@ -89,11 +122,11 @@ from typing import Any
 import decord
 import pooch
 
-from vidret_lib.cache import load_json, save_json
+from vidret_lib.cache import folder_lock, load_json, save_json
 from vidret_lib.datasets import Dataset, Split, write_dataset
 from vidret_lib.progress import progress
 
-from .download import Archive, Downloader, extract, fetch
+from .download import Archive, Downloader, fetch_and_extract
 
 PREP_VERSION = "1"
 ARCHIVES = (
@@ -109,7 +142,8 @@ CSV_9K, CSV_7K, CSV_1KA = "MSRVTT_train.9k.csv", "MSRVTT_train.7k.csv", "MSRVTT_
 CSV_COLUMNS = {CSV_9K: ("video_id",), CSV_7K: ("video_id",), CSV_1KA: ("video_id", "sentence")}
 VAL_NUMBERS = range(6513, 7010)  # readme.txt: Val video6513 : video7009 (497)
 TEST_NUMBERS = range(7010, 10000)  # readme.txt: Test video7010 : video9999 (2990)
-VIDEO_ID = re.compile(r"video(\d+)")
+VIDEO_ID = re.compile(r"video(0|[1-9]\d{0,3})")  # readme.txt: video0 ... video9999
+SHIPPED_CATEGORIES = Path(__file__).with_name("msrvtt_category.txt")  # see the module docstring
 PROBE_FILE = ".video_probe.json"
 SPLIT_NOTES = {
     "train_9k": "MSRVTT_train.9k.csv; contains the val videos and 1,990 test_full videos",
@@ -129,11 +163,13 @@ class Annotations:
     """What the annotation files say, before any video is looked at."""
 
     captions: dict[str, list[str]]  # video_id -> its captions, in the JSON's order
-    category: dict[str, str | None]  # video_id -> category name
+    category: dict[str, str | None]  # video_id -> category name (None: the JSON gives no category)
     train_9k: list[str]  # video ids in CSV order
     train_7k: list[str]
     test_1ka: list[dict[str, str]]  # {"video_id", "sentence"} in CSV order
     caption_source: str  # "official-2016" or "clip4clip-merged"
+    categories_from: str  # where the category names were read
+    dropped_captions: list[dict[str, str]]  # {"where", "video_id"} of each empty caption left out
     sources: list[str]  # where each file was read from
     digest: str  # sha256 of every byte read, in a fixed order
 
@@ -173,29 +209,143 @@ def _missing(root: Path, what: str) -> FileNotFoundError:
     )
 
 
+def _decode(blob: bytes, where: str) -> str:
+    """``blob`` as UTF-8 text (a leading BOM dropped); ValueError naming ``where``, line and offset if it is not."""
+    try:
+        return blob.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        line = blob.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{where} line {line}: byte {blob[err.start]:#04x} at offset {err.start} is not UTF-8 text; "
+            "re-save the file as UTF-8, or replace it with the original release"
+        ) from None
+
+
 def _parse_json(blob: bytes, where: str) -> dict[str, Any]:
     try:
-        doc = json.loads(blob)
+        doc = json.loads(_decode(blob, where))
     except json.JSONDecodeError as err:
         raise ValueError(f"{where} is not valid JSON ({err}); replace it") from None
-    if not isinstance(doc, dict) or not {"videos", "sentences"} <= set(doc):
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(key), list) for key in ("videos", "sentences")):
         raise ValueError(f"{where} lacks the 'videos' and 'sentences' lists of the MSR-VTT format")
     return doc
 
 
 def _parse_csv(blob: bytes, where: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
-    reader = csv.DictReader(io.StringIO(blob.decode("utf-8-sig")))
-    if not set(columns) <= set(reader.fieldnames or ()):
-        raise ValueError(f"{where} has columns {reader.fieldnames}, expected {list(columns)}")
-    rows = list(reader)
-    for i, row in enumerate(rows, start=2):
-        if not VIDEO_ID.fullmatch(row["video_id"] or ""):
-            raise ValueError(f"{where} line {i}: video_id {row['video_id']!r} is not of the form video<N>")
+    """The rows of a split CSV as dicts, checked as the module docstring says."""
+    reader = csv.reader(io.StringIO(_decode(blob, where)))
+    header = next(reader, [])
+    if not set(columns) <= set(header):
+        raise ValueError(f"{where} has columns {header}, expected {list(columns)}")
+    rows, first_line = [], {}
+    try:
+        for values in reader:
+            line = reader.line_num  # the line the row ends on (a quoted field may span lines)
+            if not values:  # a blank line
+                continue
+            if len(values) != len(header):
+                raise ValueError(f"{where} line {line}: {len(values)} fields, the header has {len(header)}; fix it")
+            row = dict(zip(header, values))
+            video_id = row["video_id"]
+            if not VIDEO_ID.fullmatch(video_id):
+                raise ValueError(f"{where} line {line}: video_id {video_id!r} is not of the form video<N>, N in 0-9999")
+            if video_id in first_line:
+                raise ValueError(
+                    f"{where} line {line}: {video_id} repeats line {first_line[video_id]}; a split lists each video "
+                    "once: remove one of the rows (or use the original file)"
+                )
+            first_line[video_id] = line
+            if "sentence" in columns and not row["sentence"].strip():
+                raise ValueError(f"{where} line {line} ({video_id}): empty sentence; a query needs text: fix the row")
+            rows.append(row)
+    except csv.Error as err:
+        raise ValueError(f"{where} line {reader.line_num}: {err}; fix the row") from None
     return rows
 
 
+def _parse_categories(blob: bytes, where: str) -> dict[int, str]:
+    """category.txt (``name<TAB>index`` per line) as index -> name."""
+    names: dict[int, str] = {}
+    first_line: dict[int, int] = {}
+    for line_number, line in enumerate(_decode(blob, where).splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, tab, index = line.rpartition("\t")
+        if not (tab and name.strip() and index.strip().isdecimal()):
+            raise ValueError(f"{where} line {line_number}: {line!r} is not 'name<TAB>index'; fix the line")
+        if int(index) in names:
+            raise ValueError(f"{where} line {line_number}: index {int(index)} repeats line {first_line[int(index)]}")
+        names[int(index)] = name
+        first_line[int(index)] = line_number
+    return names
+
+
+def _video_id(entry: Any, at: str) -> str:
+    """The ``video_id`` of JSON entry ``entry`` (found at ``at``), checked."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("video_id"), str):
+        raise ValueError(f"{at}: expected an object with a 'video_id', got {entry!r:.80}; fix or remove the entry")
+    if not VIDEO_ID.fullmatch(entry["video_id"]):
+        raise ValueError(f"{at}: video_id {entry['video_id']!r} is not of the form video<N>, N in 0-9999")
+    return entry["video_id"]
+
+
+def _read_captions(
+    docs: list[tuple[bytes, str]], names: dict[int, str], names_from: str
+) -> tuple[dict[str, list[str]], dict[str, str | None], list[dict[str, str]]]:
+    """Captions, category names and dropped empty captions of the caption JSONs ``docs`` (module docstring)."""
+    parsed = [(_parse_json(blob, where), where) for blob, where in docs]
+    category: dict[str, str | None] = {}
+    video_at: dict[str, str] = {}
+    for doc, where in parsed:  # every file's videos first: a sentence may name a video of the other file
+        for i, video in enumerate(doc["videos"]):
+            at = f"{where} videos[{i}]"
+            video_id = _video_id(video, at)
+            if video_id in video_at:
+                raise ValueError(f"{at}: {video_id} is listed twice (first at {video_at[video_id]}); remove one")
+            video_at[video_id] = at
+            index = video.get("category")
+            if index is not None and (type(index) is not int or index not in names):  # bool is not an index
+                raise ValueError(
+                    f"{at} ({video_id}): category {index!r} is not an index in {names_from}; fix the entry, or "
+                    "pass the category.txt that goes with this file"
+                )
+            category[video_id] = None if index is None else names[index]
+    captions: dict[str, list[str]] = {}
+    dropped: list[dict[str, str]] = []
+    sen_at: dict[int, tuple[str, int]] = {}  # sen_id -> (file, index) where first seen
+    for doc, where in parsed:
+        for i, sentence in enumerate(doc["sentences"]):
+            # 200,000 sentences: the position string is built only for a message (or a drop)
+            video_id = sentence.get("video_id") if type(sentence) is dict else None
+            if type(video_id) is not str or video_id not in category:  # the known ids were checked above
+                at = f"{where} sentences[{i}]"
+                _video_id(sentence, at)
+                raise ValueError(f"{at}: {video_id} is in no 'videos' list; add the video or remove the sentence")
+            caption = sentence.get("caption")
+            if type(caption) is not str:
+                raise ValueError(
+                    f"{where} sentences[{i}] ({video_id}): caption {caption!r:.80} is not text (a JSON string); fix it")
+            sen_id = sentence.get("sen_id")  # optional; the official files number every sentence
+            if sen_id is not None:
+                if type(sen_id) is not int:
+                    raise ValueError(f"{where} sentences[{i}] ({video_id}): sen_id {sen_id!r:.80} is not an integer")
+                if sen_id in sen_at:
+                    first = "{} sentences[{}]".format(*sen_at[sen_id])
+                    raise ValueError(f"{where} sentences[{i}] ({video_id}): sen_id {sen_id} repeats {first}; drop one")
+                sen_at[sen_id] = (where, i)
+            if not caption.strip():
+                dropped.append({"where": f"{where} sentences[{i}]", "video_id": video_id})
+                continue
+            captions.setdefault(video_id, []).append(caption)
+    return captions, category, dropped
+
+
 def read_annotations(root: str | Path) -> Annotations:
-    """Read the caption JSON, the three split CSVs and category.txt found under ``root``."""
+    """Read the caption JSON, the three split CSVs and the category names found under ``root``.
+
+    Checks every entry as the module docstring says. Raises FileNotFoundError when
+    a file is missing, ValueError (naming the file and line, or JSON index) for a bad entry.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder: pass --from DIR with the MSR-VTT files, or --download")
@@ -213,32 +363,23 @@ def read_annotations(root: str | Path) -> Annotations:
         csvs[name] = _read(files, name)
         if csvs[name] is None:
             raise _missing(root, name)
-    category_file = _read(files, "category.txt", OFFICIAL_JSON["train_val_videodatainfo.json"])
+    category_file = _read(files, "category.txt", OFFICIAL_JSON["train_val_videodatainfo.json"]) or (
+        SHIPPED_CATEGORIES.read_bytes(), str(SHIPPED_CATEGORIES))
 
-    captions: dict[str, list[str]] = {}
-    category_index: dict[str, int | None] = {}
-    for blob, where in docs:
-        doc = _parse_json(blob, where)
-        for video in doc["videos"]:
-            category_index[video["video_id"]] = video.get("category")
-        for sentence in doc["sentences"]:
-            captions.setdefault(sentence["video_id"], []).append(sentence["caption"])
-    names: dict[int, str] = {}
-    if category_file is not None:
-        for line in category_file[0].decode("utf-8").splitlines():
-            if line.strip():
-                name, index = line.rsplit("\t", 1)
-                names[int(index)] = name
+    names = _parse_categories(*category_file)
+    captions, category, dropped = _read_captions(docs, names, category_file[1])
     rows = {name: _parse_csv(blob, where, CSV_COLUMNS[name]) for name, (blob, where) in csvs.items()}
 
-    read = [*docs, *csvs.values(), *([category_file] if category_file else [])]
+    read = [*docs, *csvs.values(), category_file]
     return Annotations(
         captions=captions,
-        category={v: names.get(i) if i is not None else None for v, i in category_index.items()},
+        category=category,
         train_9k=[r["video_id"] for r in rows[CSV_9K]],
         train_7k=[r["video_id"] for r in rows[CSV_7K]],
         test_1ka=[{"video_id": r["video_id"], "sentence": r["sentence"]} for r in rows[CSV_1KA]],
         caption_source=caption_source,
+        categories_from=category_file[1],
+        dropped_captions=dropped,
         sources=[where for _, where in read],
         digest=hashlib.sha256(b"".join(blob for blob, _ in read)).hexdigest(),
     )
@@ -368,6 +509,11 @@ def make_manifest(
         "overlaps": {
             f"{a} & {b}": len(ids[a] & ids[b]) for a in splits if a.startswith("train") for b in EVAL_SPLITS
         },
+        "annotations": {
+            "category_names_from": ann.categories_from,
+            "videos_without_category": [r["video_id"] for r in videos if r["category"] is None],
+            "dropped_empty_captions": ann.dropped_captions,
+        },
     }
 
 
@@ -375,44 +521,72 @@ def prepare(source: str | Path, out: str | Path, downloads: list[dict] | None = 
     """Build every split from the files under ``source``, check the videos, write the dataset root ``out``.
 
     ``downloads`` (from :func:`download`) is recorded in the manifest. Returns the loaded dataset.
+    Runs under :func:`vidret_lib.cache.folder_lock` on ``out``.
     """
     source, out = Path(source).resolve(), Path(out)
-    ann = read_annotations(source)
-    (out / "dataset.json").unlink(missing_ok=True)  # the root is incomplete until written again
-    splits = build_splits(ann)
-    found = find_videos(source)
-    problems = probe_videos(found, out / PROBE_FILE)
-    videos = video_records(ann, found, problems, source)
-    manifest = {
-        "source": str(source), "downloads": downloads or [],
-        **make_manifest(ann, splits, videos, problems),
-    }
-    save_json(out / "manifest.json", manifest)
-    save_json(out / "summary.json", manifest["splits"])
-    info = {
-        "name": "msrvtt",
-        "version": f"{PREP_VERSION}-{ann.digest[:12]}",
-        "source": "MSR-VTT 2016 (Xu et al., CVPR 2016) with the CLIP4Clip/EMCL retrieval splits",
-        "caption_source": ann.caption_source,
-        "split_notes": SPLIT_NOTES,
-    }
-    return write_dataset(out, info, videos, splits)
+    with folder_lock(out):  # two preparations into one folder: the second waits, then rewrites the same files
+        ann = read_annotations(source)
+        (out / "dataset.json").unlink(missing_ok=True)  # the root is incomplete until written again
+        splits = build_splits(ann)
+        found = find_videos(source)
+        problems = probe_videos(found, out / PROBE_FILE)
+        videos = video_records(ann, found, problems, source)
+        manifest = {
+            "source": str(source), "downloads": downloads or [],
+            **make_manifest(ann, splits, videos, problems),
+        }
+        save_json(out / "manifest.json", manifest)
+        save_json(out / "summary.json", manifest["splits"])
+        info = {
+            "name": "msrvtt",
+            "version": f"{PREP_VERSION}-{ann.digest[:12]}",
+            "source": "MSR-VTT 2016 (Xu et al., CVPR 2016) with the CLIP4Clip/EMCL retrieval splits",
+            "caption_source": ann.caption_source,
+            "split_notes": SPLIT_NOTES,
+        }
+        return write_dataset(out, info, videos, splits)
 
 
 def download(
     cache_dir: str | Path, archives: tuple[Archive, ...] = ARCHIVES, downloader: Downloader | None = None
 ) -> tuple[Path, list[dict]]:
-    """Fetch and unpack ``archives`` under ``cache_dir``; returns the folder to prepare from and the downloads."""
+    """Fetch and unpack ``archives`` under ``cache_dir``; returns the folder to prepare from and the downloads.
+
+    A cached archive that is not a readable zip is replaced (:func:`data_prep.download.fetch_and_extract`).
+    """
     cache_dir = Path(cache_dir)
-    records = [fetch(a, cache_dir, downloader) for a in archives]
-    for record in records:
-        extract(record["file"], cache_dir / "extracted" / Path(record["file"]).stem)
+    records = [
+        fetch_and_extract(a, cache_dir, cache_dir / "extracted" / Path(a.fname).stem, downloader) for a in archives
+    ]
     return cache_dir / "extracted", records
 
 
+def _preview(items: list[str], shown: int = 5) -> str:
+    """The first ``shown`` items, comma-separated, and how many more.
+
+    Example:
+        >>> _preview(["a", "b", "c"], shown=2)
+        'a, b, ... and 1 more'
+    """
+    more = f", ... and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
 def describe(manifest: dict[str, Any]) -> str:
-    """The human summary printed at the end of a run: how much of each split is present."""
-    lines = []
+    """The human summary printed at the end of a run: how much of each split is present, and
+    every annotation entry that was dropped or lacks something (see the module docstring)."""
+    notes = manifest["annotations"]
+    lines = [f"category names from {notes['category_names_from']}"]
+    for name, video_ids in manifest["csv_ids_without_captions"].items():
+        if video_ids:
+            lines.append(f"{name}: {len(video_ids)} video ids without captions, left out of the split "
+                         f"({_preview(video_ids)})")
+    if no_category := notes["videos_without_category"]:
+        lines.append(f"{len(no_category)} videos without a category ({_preview(no_category)}): "
+                     "title_source='category' (MBVR) has no text for them")
+    if dropped := notes["dropped_empty_captions"]:
+        lines.append(f"{len(dropped)} empty captions dropped: "
+                     + _preview([f"{d['where']} ({d['video_id']})" for d in dropped]))
     for name, r in manifest["splits"].items():
         p = r["present"]
         use = "training will use" if name.startswith("train") else "evaluation will run on"

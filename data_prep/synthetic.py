@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from vidret_lib.cache import atomic_write, cache_key, load_json
+from vidret_lib.cache import atomic_write, cache_key, folder_lock, load_json, remove_stale_temporaries
 from vidret_lib.datasets import Dataset, write_dataset
 from vidret_lib.progress import progress
 
@@ -581,47 +581,47 @@ def generate(out: str | os.PathLike, size: str = "default", seed: int = 0, **ove
         raise TypeError(f"unknown SyntheticConfig fields {unknown}; known fields: {sorted(known)}")
     cfg = replace(PRESETS[size], **overrides)
     out = Path(out)
-    key = content_hash(cfg, seed)
-    if (out / "dataset.json").exists():
-        old = load_json(out / "dataset.json")
-        if old.get("content_hash") != key:
-            raise FileExistsError(
-                f"{out} already holds dataset {old.get('name')!r} made with other settings "
-                f"({old.get('content_hash')} != {key}); pick another --out or delete {out}"
-            )
-    videos, splits, pairs = build_annotations(cfg, seed)
-    video_dir = out / "videos"
-    video_dir.mkdir(parents=True, exist_ok=True)
-    for stale in video_dir.glob(".*.tmp"):  # left by a killed run: never read, safe to drop
-        stale.unlink()
-    for v in progress(videos, desc="render videos", unit="video"):
-        path, vkey = out / v["path"], _video_key(v["scene"], cfg)
-        if path.exists() and mp4_matches(path, vkey, cfg.n_frames, cfg.frame_size):
-            continue
-        frames = render_frames(v["scene"], cfg.frame_size, cfg.n_frames)
-        atomic_write(path, lambda tmp: write_mp4(tmp, frames, cfg.fps, cfg.crf, vkey))
-    info = {
-        "name": dataset_name(size, seed, cfg),
-        "version": GENERATOR_VERSION,
-        "source": "synthetic (data_prep.synthetic)",
-        "size": size,
-        "seed": seed,
-        "content_hash": key,
-        "config": asdict(cfg),
-        "video_format": {
-            "codec": "h264", "pix_fmt": "yuv420p", "fps": cfg.fps, "frame_size": cfg.frame_size,
-            "n_frames": cfg.n_frames, "frames_at_1fps": cfg.sampled_frames,
-        },
-        "description": "ShapeMotion: rendered videos of a moving coloured shape with distractors, "
-        "captions from a grammar with paraphrases, titles, and graded pair labels",
-        "properties": PROPERTIES,
-        "vocabulary": {
-            "shapes": SHAPES, "colours": list(COLOURS), "sizes": list(SIZES), "motions": MOTIONS,
-            "backgrounds": BACKGROUNDS, "events": EVENTS, "categories": sorted(set(MOTION_KIND.values())),
-        },
-        "pairs": {s: len(rows) for s, rows in pairs.items()},
-    }
-    return write_dataset(out, info, videos, splits, pairs)
+    with folder_lock(out):  # a second generation into `out` waits, then finds every file done
+        key = content_hash(cfg, seed)
+        if (out / "dataset.json").exists():
+            old = load_json(out / "dataset.json")
+            if old.get("content_hash") != key:
+                raise FileExistsError(
+                    f"{out} already holds dataset {old.get('name')!r} made with other settings "
+                    f"({old.get('content_hash')} != {key}); pick another --out or delete {out}"
+                )
+        videos, splits, pairs = build_annotations(cfg, seed)
+        video_dir = out / "videos"
+        video_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(video_dir)  # left by killed runs (a live writer's are kept)
+        for v in progress(videos, desc="render videos", unit="video"):
+            path, vkey = out / v["path"], _video_key(v["scene"], cfg)
+            if path.exists() and mp4_matches(path, vkey, cfg.n_frames, cfg.frame_size):
+                continue
+            frames = render_frames(v["scene"], cfg.frame_size, cfg.n_frames)
+            atomic_write(path, lambda tmp: write_mp4(tmp, frames, cfg.fps, cfg.crf, vkey))
+        info = {
+            "name": dataset_name(size, seed, cfg),
+            "version": GENERATOR_VERSION,
+            "source": "synthetic (data_prep.synthetic)",
+            "size": size,
+            "seed": seed,
+            "content_hash": key,
+            "config": asdict(cfg),
+            "video_format": {
+                "codec": "h264", "pix_fmt": "yuv420p", "fps": cfg.fps, "frame_size": cfg.frame_size,
+                "n_frames": cfg.n_frames, "frames_at_1fps": cfg.sampled_frames,
+            },
+            "description": "ShapeMotion: rendered videos of a moving coloured shape with distractors, "
+            "captions from a grammar with paraphrases, titles, and graded pair labels",
+            "properties": PROPERTIES,
+            "vocabulary": {
+                "shapes": SHAPES, "colours": list(COLOURS), "sizes": list(SIZES), "motions": MOTIONS,
+                "backgrounds": BACKGROUNDS, "events": EVENTS, "categories": sorted(set(MOTION_KIND.values())),
+            },
+            "pairs": {s: len(rows) for s, rows in pairs.items()},
+        }
+        return write_dataset(out, info, videos, splits, pairs)
 
 
 def _disk_mb(root: Path) -> float:

@@ -2,6 +2,8 @@ import pytest
 
 from vidret_lib.datasets import load_dataset, write_dataset
 
+TINY = {"n_train": 2, "n_val": 1, "n_test": 1, "family_size": 1}  # a ShapeMotion of 4 videos
+
 
 def test_roundtrip_and_caption_video_index(tmp_path):
     caps = [
@@ -92,3 +94,18 @@ def test_damaged_npz_is_named(tmp_path):
         load_npz(path)
     with pytest.raises(FileNotFoundError, match="absent.npz does not exist"):
         load_npz(tmp_path / "absent.npz")
+
+
+@pytest.mark.parametrize("damaged", ["videos.json", "splits/test.json"])
+def test_a_damaged_layout_file_says_what_rebuilds_it_and_that_works(tmp_path, damaged):
+    from data_prep.synthetic import generate
+
+    root = generate(tmp_path / "ds", "smoke", **TINY).root
+    (root / damaged).write_text("{ half")
+    with pytest.raises(ValueError, match=rf"{damaged} is not valid JSON .*delete {root / 'dataset.json'} "
+                                         rf"\(or the whole folder {root}\) and run again") as err:
+        load_dataset(root).split("test")
+    assert "delete it to recompute" not in str(err.value)
+    (root / "dataset.json").unlink()  # what the message says
+    generate(root, "smoke", **TINY)  # what prepare_dataset does when dataset.json is absent
+    assert load_dataset(root).split("test").sentences

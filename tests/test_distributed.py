@@ -146,3 +146,44 @@ def test_torchrun_training_equals_single_process(tmp_path):
         assert dist_out[key]["loss"] == pytest.approx([h["loss"] for h in single.history], rel=1e-5, abs=1e-6)
         for n, p in single.last_state.items():
             assert torch.allclose(dist_out[key]["state"][n], p, rtol=1e-4, atol=1e-5), (key, n)
+
+
+def _cuda_rules_worker(rank, out_dir):
+    """One torchrun-like process of a 2-GPU run, simulated on the CPU by devicecheck.cuda_rules."""
+    import functools
+
+    from test_train import toy_split
+
+    from vidret_lib.devicecheck import cuda_rules
+    from vidret_lib.train import TrainConfig, train
+
+    os.environ.update(LOOPBACK_ENV, WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
+    # file rendezvous instead of torchrun's TCP store; the mode then turns nccl into gloo
+    dist.init_process_group = functools.partial(
+        dist.init_process_group, init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
+    with cuda_rules(device_count=WORLD):
+        result = train(TrainConfig(device="cuda", **CUDA_RULES_CONFIG), toy_split(40, 2))
+        devices = {str(p.device) for p in result.model.parameters()}
+    torch.save({"state": result.last_state, "loss": [h["loss"] for h in result.history], "devices": devices},
+               Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+CUDA_RULES_CONFIG = dict(loss="vsepp", head="seqTransf", seq_layers=1, emcl=True, emcl_k=4, epochs=1,
+                         batch_size=8, lr=1e-2, select="last", sampling="caption")
+
+
+@pytest.mark.slow
+def test_two_gpu_training_under_cuda_rules_equals_single_process(tmp_path):
+    """The nccl path of init_from_env / gather / average_gradients keeps every tensor on cuda:LOCAL_RANK."""
+    from test_train import toy_split
+    from vidret_lib.train import TrainConfig, train
+
+    mp.spawn(_cuda_rules_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    single = train(TrainConfig(**CUDA_RULES_CONFIG), toy_split(40, 2))
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["devices"] == {f"cuda:{rank}"}
+        assert got["loss"] == pytest.approx([h["loss"] for h in single.history], rel=1e-5, abs=1e-6)
+        for n, p in single.last_state.items():
+            assert torch.allclose(got["state"][n], p, rtol=1e-4, atol=1e-5), n

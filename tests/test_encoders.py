@@ -222,3 +222,79 @@ def test_bad_names():
         load_encoder("ViT-S-32", pretrained="no-such-tag")
     with pytest.raises(TypeError):
         load_encoder("default", pretrained="openai")
+
+
+# ---------------------------------------------------------------- QuickGELU (OpenAI's activation)
+TINY_CLIP = {  # CLIP-shaped, 2 text blocks of width = embed_dim (seqTransf can copy them)
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def register_tiny_clip(monkeypatch, checkpoint=None):
+    """Register ``Tiny-B`` (nn.GELU) and ``Tiny-B-quickgelu`` in open_clip's registry, as
+    ``ViT-B-32`` / ``ViT-B-32-quickgelu``; with ``checkpoint``, both get an ``"openai"`` tag
+    that stands for that local file, with QuickGELU as open_clip's pretrained.py says."""
+    import open_clip.factory
+    import open_clip.pretrained
+
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "Tiny-B", TINY_CLIP)
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "Tiny-B-quickgelu", {**TINY_CLIP, "quick_gelu": True})
+    if checkpoint is not None:
+        tag = {"openai": open_clip.pretrained._pcfg(file=str(checkpoint), quick_gelu=True)}
+        monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "Tiny-B", tag)
+        monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "Tiny-B-quickgelu", tag)
+
+
+def test_vit_b_32_refuses_openai_weights_without_quickgelu():
+    # raised before any download (the network is blocked here); open_clip itself only warns
+    with pytest.raises(ValueError, match=r"ViT-B-32 uses nn.GELU .* 'openai' were trained with QuickGELU.*"
+                                         r"load_encoder\('ViT-B-32-quickgelu', pretrained='openai'\)"):
+        load_encoder("ViT-B-32", pretrained="openai")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_openai_tag_loads_into_quickgelu_architecture(monkeypatch, tmp_path, dtype):
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    from vidret_lib.heads import clip_text_init
+
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        source = open_clip.CLIP(**TINY_CLIP, quick_gelu=True).eval()
+    torch.save(source.state_dict(), tmp_path / "openai.pt")
+    register_tiny_clip(monkeypatch, tmp_path / "openai.pt")
+    with pytest.raises(ValueError, match=r"load_encoder\('Tiny-B-quickgelu', pretrained='openai'\)"):
+        load_encoder("Tiny-B", pretrained="openai")
+    enc = load_encoder("Tiny-B-quickgelu", pretrained="openai")
+    enc.model.to(dtype)
+    source.to(dtype)
+    # the activation is OpenAI's x * sigmoid(1.702 x), checked against the formula
+    act = enc.model.transformer.resblocks[0].mlp.gelu
+    x = torch.linspace(-4, 4, 101, dtype=dtype)
+    assert isinstance(act, QuickGELU)
+    torch.testing.assert_close(act(x), x * torch.sigmoid(1.702 * x))
+    captions = ["a dog runs", "a cat sleeps on a mat"]
+    tokens = open_clip.get_tokenizer("Tiny-B-quickgelu")(captions)
+    with torch.no_grad():
+        expected = source.encode_text(tokens)
+        gelu = open_clip.CLIP(**TINY_CLIP).to(dtype).eval()
+        gelu.load_state_dict(source.state_dict())
+        with_gelu = gelu.encode_text(tokens)
+        got = enc.model.encode_text(tokens)
+    torch.testing.assert_close(got, expected)
+    assert (with_gelu - expected).abs().max() > 1e-3  # the activation matters: GELU features differ
+    # seqTransf's blocks copied from this text tower keep QuickGELU (CLIP4Clip's module_cross.py)
+    seq_init = clip_text_init(enc, 32, 2)
+    assert all(isinstance(b.mlp.gelu, QuickGELU) for b in seq_init.blocks)
+
+
+def test_cache_id_records_the_activation(monkeypatch):
+    import open_clip.factory
+
+    register_tiny_clip(monkeypatch)
+    gelu = load_encoder("Tiny-B", pretrained=None).cache_id
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "Tiny-B", {**TINY_CLIP, "quick_gelu": True})
+    assert load_encoder("Tiny-B", pretrained=None).cache_id != gelu  # same name, other activation

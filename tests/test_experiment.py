@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vidret_lib import experiment
-from vidret_lib.experiment import ledger_path, load_or_run, run_variant, source_id
+from vidret_lib.experiment import ledger_path, load_or_run, run_variant, source_id, table
 from vidret_lib.results import read_results
 from vidret_lib.train import FeatureSplit, TrainConfig, evaluate, train
 
@@ -49,11 +49,43 @@ def test_run_variant_trains_each_seed_and_reuses_the_record(tmp_path, splits, co
     assert again["metrics"] == first["metrics"]
     # the recorded test metrics are those of the seed's val-selected model
     result = train(dataclasses.replace(CONFIG, seed=1), tr, va)
-    assert first["metrics"]["runs"][1]["test"]["plain"]["selected"] == evaluate(result.model, te)
-    assert first["metrics"]["runs"][1]["test"]["plain"]["last"] == evaluate(result.model_at("last"), te)
+    assert first["metrics"]["runs"][1]["test"]["plain"]["selected"] == evaluate(result.model, te, with_ranks=True)
+    assert first["metrics"]["runs"][1]["test"]["plain"]["last"] == evaluate(result.model_at("last"), te, with_ranks=True)
     r1 = [r["test"]["plain"]["selected"]["t2v"]["R1"] for r in first["metrics"]["runs"]]
     assert first["metrics"]["summary"]["plain"]["selected"]["t2v_R1"]["mean"] == pytest.approx(np.mean(r1))
     assert first["metrics"]["summary"]["plain"]["selected"]["t2v_R1"]["std"] == pytest.approx(np.std(r1))
+
+
+def test_run_variant_records_per_query_ranks_and_the_test_set_counts(tmp_path, splits, counted_train):
+    tr, va, te = splits
+    te.excluded = {"video9": "decode error: moov atom not found"}  # a video the split dropped (FeatureSplit.excluded)
+    evals = {"plain": {}, "dsl": {"rerank": "dsl"}}
+    rec = run_variant("v", CONFIG, [0, 1], tr, va, te, str(tmp_path), "nb", "data-a", evals=evals)
+    m = rec["metrics"]
+    for run in m["runs"]:
+        for e in evals:
+            for which in ("selected", "last"):
+                for direction, n in (("t2v", te.num_texts), ("v2t", te.num_videos)):
+                    got = run["test"][e][which][direction]
+                    assert len(got["ranks"]) == got["n_queries"] == n
+                    assert 100 * np.mean(np.array(got["ranks"]) <= 1) == pytest.approx(got["R1"])
+    assert all("ranks" not in key for s in m["summary"].values() for w in s.values() for key in w)
+    assert m["test_set"] == {"n_test_queries": 24, "n_test_videos": 12, "excluded_videos": dict(te.excluded)}
+    assert table([rec], ["t2v_R1"]).splitlines()[-1].endswith("| 24 | 12 (1 excluded) |")
+
+
+def test_run_variant_refuses_overlapping_train_and_test_splits(tmp_path, splits, counted_train):
+    tr, va, te = splits
+    ids = tuple(f"video{i}" for i in range(12))
+    tr = dataclasses.replace(tr, video_ids=ids)
+    te = dataclasses.replace(te, video_ids=ids[9:] + tuple(f"test{i}" for i in range(9)))  # 3 shared
+    with pytest.raises(ValueError, match=r"train.*test.*3"):
+        run_variant("v", CONFIG, [0], tr, va, te, str(tmp_path), "nb", "data-a")
+    assert counted_train == [], "the check runs before any training"
+    with pytest.warns(UserWarning):  # the named override trains, and says so
+        run_variant("v", dataclasses.replace(CONFIG, allow_split_overlap=True), [0], tr, va, te, str(tmp_path),
+                    "nb", "data-a")
+    assert counted_train == [0]
 
 
 CHANGES = {

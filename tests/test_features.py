@@ -8,7 +8,7 @@ import torch
 
 from vidret_lib.cache import cache_key, save_npz
 from vidret_lib.encoders import load_encoder
-from vidret_lib.features import text_features, video_features
+from vidret_lib.features import _chunk_name, text_features, video_features
 
 SIZE, T = 64, 4
 MASKS = {  # video id -> frame mask of its decoded frames
@@ -26,6 +26,7 @@ class StandInFrameCache:
     def __init__(self, key="frames-test", fail_on=None):
         self.key, self.dir, self.fail_on = key, None, fail_on
         self.failed = {"bad": "cannot decode"}
+        self.content = {vid: "1000:1" for vid in MASKS}
         self.loads = []
 
     def load(self, video_id):
@@ -124,9 +125,19 @@ def test_video_features_recompute_a_chunk_whose_failed_video_decodes_now(encoder
     torch.testing.assert_close(feats, _naive_video_features(encoder, fixed, ids), rtol=1e-4, atol=1e-4)
 
 
+def test_video_features_recompute_the_chunk_of_a_replaced_video(encoder, tmp_path):
+    ids = ["v0", "v1", "v3", "v4"]
+    first, _ = video_features(encoder, StandInFrameCache(), ids, tmp_path, chunk_size=2)
+    replaced = StandInFrameCache()
+    replaced.content["v3"] = "2000:2"  # v3's file was replaced in place: new size and mtime
+    feats, _ = video_features(encoder, replaced, ids, tmp_path, chunk_size=2)
+    assert replaced.loads == ["v3", "v4"]  # its chunk is recomputed, the untouched chunk reused
+    assert torch.equal(feats, first)  # the stand-in's frames did not change
+
+
 def test_video_features_reject_a_wrong_chunk(encoder, tmp_path):
     key = cache_key("video-features", frames="frames-test", encoder=encoder.cache_id)
-    path = tmp_path / "features" / key / f"{cache_key('videos', ids=['v0'], failed=[])}.npz"
+    path = tmp_path / "features" / key / f"{_chunk_name(['v0'], StandInFrameCache())}.npz"
     save_npz(path, feats=np.zeros((1, T, 512), np.float32), mask=np.zeros((1, T), bool),
              video_ids=np.array(["v1"]))
     with pytest.raises(ValueError, match="holds other videos"):

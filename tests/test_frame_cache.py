@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_decoders import write_numbered
 from test_frames import write_clip  # tests/ is on sys.path (pytest's default import mode)
 
 import vidret_lib.frame_cache as fc
 from vidret_lib.cache import load_npz
 from vidret_lib.datasets import write_dataset
 from vidret_lib.frame_cache import frame_cache
-from vidret_lib.frames import clip4clip_frame_indices, sample_clip, sample_frames
+from vidret_lib.frames import DECODERS, clip4clip_frame_indices, sample_clip, sample_frames
 
 GOOD = ["g0", "g1", "g2", "g3"]
 BAD = ["empty", "text", "truncated", "missing"]
@@ -36,14 +39,23 @@ def make_dataset(root: Path, ids: list[str]):
     return write_dataset(root, {"name": "frames-test", "version": "1"}, records, {"test": captions})
 
 
-def count_decodes(monkeypatch, fail_after: int | None = None) -> list[str]:
-    """Record the videos the cache decodes; optionally interrupt after ``fail_after`` of them."""
-    decoded: list[str] = []
+def count_decodes(monkeypatch, tmp_path: Path, fail_after: int | None = None, sleep_on: str | None = None):
+    """Record the videos the cache decodes (in a file: they are decoded in worker processes, which
+    inherit this patch); optionally interrupt after ``fail_after`` of them, or hang on ``sleep_on``.
+    Returns a function giving the decoded video ids so far."""
+    log = tmp_path / "decoded.log"
+    log.write_text("")
+
+    def decoded() -> list[str]:
+        return log.read_text().split()
 
     def spy(path, *args):
-        if fail_after is not None and len(decoded) == fail_after:
+        if fail_after is not None and len(decoded()) == fail_after:
             raise KeyboardInterrupt
-        decoded.append(Path(path).stem)
+        if Path(path).stem == sleep_on:
+            time.sleep(60)  # a decoder that hangs
+        with open(log, "a") as fh:
+            fh.write(Path(path).stem + "\n")
         return sample_clip(path, *args)
 
     monkeypatch.setattr(fc, "sample_clip", spy)
@@ -87,10 +99,10 @@ def test_bad_videos_are_reported_masked_and_nothing_is_lost(tmp_path, monkeypatc
     assert masks.any(1).tolist() == [v.startswith("g") for v in ids]
 
     mtimes = {vid: cache.path(vid).stat().st_mtime_ns for vid in GOOD}
-    decoded = count_decodes(monkeypatch)
+    decoded = count_decodes(monkeypatch, tmp_path)
     with pytest.warns(UserWarning, match="4 of 8"):
         again = frame_cache(ds, ids, tmp_path / "cache", **PARAMS)
-    assert sorted(decoded) == sorted(BAD)  # only the failures are retried
+    assert sorted(decoded()) == sorted(BAD)  # only the failures are retried
     assert {vid: again.path(vid).stat().st_mtime_ns for vid in GOOD} == mtimes
     assert again.failed == cache.failed and again.key == cache.key
 
@@ -107,18 +119,18 @@ def test_a_repaired_video_is_decoded_on_the_next_run(tmp_path):
 
 def test_interrupted_run_keeps_finished_videos_and_resumes(tmp_path, monkeypatch):
     ds = make_dataset(tmp_path / "ds", GOOD)
-    decoded = count_decodes(monkeypatch, fail_after=2)
+    decoded = count_decodes(monkeypatch, tmp_path, fail_after=2)
     with pytest.raises(KeyboardInterrupt):
-        frame_cache(ds, GOOD, tmp_path / "cache", **PARAMS)
-    assert decoded == GOOD[:2]
+        frame_cache(ds, GOOD, tmp_path / "cache", workers=1, **PARAMS)
+    assert decoded() == GOOD[:2]
     out = next((tmp_path / "cache" / "frames").iterdir())
     assert sorted(p.name for p in out.iterdir()) == ["g0.npz", "g1.npz"]  # no partial or temporary file
     for vid in GOOD[:2]:
         assert load_npz(out / f"{vid}.npz")["mask"].any()
 
-    decoded = count_decodes(monkeypatch)
+    decoded = count_decodes(monkeypatch, tmp_path)
     cache = frame_cache(ds, GOOD, tmp_path / "cache", **PARAMS)
-    assert decoded == GOOD[2:] and cache.dir == out
+    assert sorted(decoded()) == GOOD[2:] and cache.dir == out
     assert cache.load_many()[1].any(1).all()
 
 
@@ -130,3 +142,64 @@ def test_unknown_and_unsafe_video_ids_fail_before_any_work(tmp_path):
     odd = write_dataset(tmp_path / "odd", {"name": "odd"}, [{"video_id": "../x", "path": "x.mp4"}], {})
     with pytest.raises(ValueError, match="cannot be used as file names"):
         frame_cache(odd, ["../x"], tmp_path / "cache", **PARAMS)
+
+
+def test_parallel_decoding_gives_the_serial_bytes_and_records_decoders(tmp_path):
+    ids = GOOD + ["ts"]
+    ds = make_dataset(tmp_path / "ds", GOOD + ["ts"])
+    write_numbered(ds.video_path("ts"), "libx264", 45, 10, 64, 48, fmt="mpegts")  # PyAV's container
+    serial = frame_cache(ds, ids, tmp_path / "one", workers=1, **PARAMS)
+    parallel = frame_cache(ds, ids, tmp_path / "two", workers=2, **PARAMS)
+    assert serial.key == parallel.key and serial.decoders == parallel.decoders
+    assert serial.decoders == {**{v: DECODERS["decord"] for v in GOOD}, "ts": DECODERS["pyav"]}
+    assert serial.summary() == f"5 videos: {DECODERS['decord']} 4, {DECODERS['pyav']} 1"
+    for vid in ids:
+        a, b = load_npz(serial.path(vid)), load_npz(parallel.path(vid))
+        reference = sample_clip(ds.video_path(vid), 4, 1, 16)  # in this process
+        assert sorted(a) == ["decoder", "frames", "indices", "mask", "source", "times"]
+        for name in ("frames", "mask", "indices", "times", "decoder"):
+            np.testing.assert_array_equal(a[name], b[name])
+            np.testing.assert_array_equal(a[name], getattr(reference, name))
+        assert a["frames"].dtype == np.uint8 and a["times"].dtype == np.float64
+
+
+def test_a_replaced_video_is_decoded_again_and_untouched_ones_reused(tmp_path, monkeypatch):
+    ds = make_dataset(tmp_path / "ds", GOOD[:3])
+    first = frame_cache(ds, GOOD[:3], tmp_path / "cache", **PARAMS)
+    assert first.load("g1")[1].sum() == 4
+    write_clip(ds.video_path("g1"), 20, 10)  # replaced in place by a 2 s video
+    stat = ds.video_path("g1").stat()
+    decoded = count_decodes(monkeypatch, tmp_path)
+    again = frame_cache(ds, GOOD[:3], tmp_path / "cache", **PARAMS)
+    assert decoded() == ["g1"] and again.key == first.key
+    assert again.load("g1")[1].sum() == 2
+    assert again.content["g1"] == f"{stat.st_size}:{stat.st_mtime_ns}" != first.content["g1"]
+    assert str(load_npz(again.path("g1"))["source"]) == again.content["g1"]
+    os.utime(ds.video_path("g0"), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes, touched
+    frame_cache(ds, GOOD[:3], tmp_path / "cache", **PARAMS)
+    assert decoded() == ["g1", "g0"]
+
+
+def test_a_hanging_or_crashing_decoder_is_stopped_and_reported(tmp_path, monkeypatch):
+    ds = make_dataset(tmp_path / "ds", GOOD[:3])
+    count_decodes(monkeypatch, tmp_path, sleep_on="g1")
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match="1 of 3 videos could not be decoded"):
+        cache = frame_cache(ds, GOOD[:3], tmp_path / "cache", workers=2, timeout=2.0, **PARAMS)
+    assert time.monotonic() - start < 20
+    assert list(cache.failed) == ["g1"] and "2 s time limit" in cache.failed["g1"]
+    assert str(ds.video_path("g1")) in cache.failed["g1"]
+    assert json.loads((cache.dir / "failures.json").read_text()) == cache.failed
+    assert cache.load("g0")[1].any() and cache.load("g2")[1].any()
+
+    monkeypatch.setattr(fc, "sample_clip", lambda path, *args: os._exit(3))  # a decoder that crashes
+    with pytest.warns(UserWarning, match="g1"):
+        cache = frame_cache(ds, GOOD[:3], tmp_path / "cache", workers=1, **PARAMS)
+    assert "process died (exit code 3)" in cache.failed["g1"]
+
+
+def test_bad_workers_or_timeout(tmp_path):
+    ds = make_dataset(tmp_path / "ds", GOOD[:1])
+    for bad in (dict(workers=0), dict(timeout=0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            frame_cache(ds, GOOD[:1], tmp_path / "cache", **bad, **PARAMS)

@@ -90,7 +90,7 @@ def clip_preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
 
 def assert_matches_clip4clip(path: Path, size: int, max_frames: int = 12, sample_fps: int = 1) -> None:
     ref_indices, ref_images = clip4clip_cv2_reference(path, max_frames, sample_fps)
-    frames, mask, indices = sample_clip(path, max_frames, sample_fps, size)
+    frames, mask, indices, _, _ = sample_clip(path, max_frames, sample_fps, size)
     assert indices.tolist() == ref_indices
     n = len(ref_indices)
     assert mask.tolist() == [True] * n + [False] * (max_frames - n)

@@ -119,6 +119,37 @@ def test_seqtransf_initialised_from_clip_text_transformer():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_seqtransf_block_is_clip4clip_module_cross_quickgelu_and_layernorm_eps_1e12(dtype):
+    # one random-init block by hand: x + attn(ln_1(x)), then + c_proj(QuickGELU(c_fc(ln_2(x)))),
+    # with x * sigmoid(1.702 x) and LayerNorm eps 1e-12 (CLIP4Clip modules/module_cross.py)
+    head = SeqTransf(16, layers=1).to(dtype)
+    block = head.blocks[0]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.3)
+    x = torch.randn(2, 3, 16, generator=g, dtype=dtype) * 1e-5  # tiny inputs: eps 1e-5 would swamp the variance
+
+    def layer_norm(z, ln):
+        mu = z.mean(-1, keepdim=True)
+        var = ((z - mu) ** 2).mean(-1, keepdim=True)
+        return (z - mu) / torch.sqrt(var + 1e-12) * ln.weight + ln.bias
+
+    with torch.no_grad():
+        h = layer_norm(x, block.ln_1)
+        attn = block.attn(h, h, h, need_weights=False)[0]
+        y = x + attn
+        u = block.mlp.c_fc(layer_norm(y, block.ln_2))
+        expected = y + block.mlp.c_proj(u * torch.sigmoid(1.702 * u))
+        got = block(x)
+    assert torch.allclose(got, expected, **TOL[dtype])
+    # blocks copied from CLIP's text tower keep its weights and activation, with module_cross's eps
+    init = clip_text_init(tiny_encoder(dim=64, text_width=64), 64, layers=2)
+    copied = SeqTransf(64, layers=2, init=init)
+    assert {m.eps for m in copied.blocks.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-12}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_title_fusion_starts_as_normalised_sum_and_r_vt(dtype):
     g = torch.Generator().manual_seed(1)
     v = F.normalize(torch.randn(5, 8, generator=g, dtype=dtype), dim=-1)

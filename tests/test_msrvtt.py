@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import re
 import shutil
 import socket
 import zipfile
@@ -14,7 +15,7 @@ import pytest
 
 import vidret_lib.datasets
 from data_prep import msrvtt
-from data_prep.download import Archive, extract
+from data_prep.download import Archive, extract, fetch
 from vidret_lib.cache import load_json
 from vidret_lib.datasets import load_dataset
 
@@ -256,6 +257,185 @@ def test_cli_prints_how_much_is_present(small, tmp_path, capsys):
     assert f"unreadable {small / 'videos' / 'video1.mp4'}: empty file (0 bytes)" in out
 
 
+# ---------------------------------------------------------------- malformed annotation entries
+
+
+def _rezip(src: Path, member: str, data: bytes | str, zip_name: str = "train_val_annotation.zip") -> None:
+    """Replace (or add) ``member`` of an annotation zip under ``src/annotations``, keeping its other members."""
+    path = src / "annotations" / zip_name
+    with zipfile.ZipFile(path) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    members[member] = data
+    with zipfile.ZipFile(path, "w") as z:
+        for name, blob in members.items():
+            z.writestr(name, blob)
+
+
+def _edit_train_val(src: Path, edit) -> None:
+    """Apply ``edit`` to the parsed train_val_videodatainfo.json of ``src`` and write it back."""
+    with zipfile.ZipFile(src / "annotations" / "train_val_annotation.zip") as z:
+        doc = json.loads(z.read("train_val_videodatainfo.json"))
+    edit(doc)
+    _rezip(src, "train_val_videodatainfo.json", json.dumps(doc))
+
+
+def _set(entries: str, index: int, key: str, value):
+    def edit(doc):
+        doc[entries][index][key] = value
+    return edit
+
+
+def _drop_key(entries: str, index: int, key: str):
+    def edit(doc):
+        del doc[entries][index][key]
+    return edit
+
+
+def _append(entries: str, entry):
+    def edit(doc):
+        doc[entries].append(entry)
+    return edit
+
+
+JSON_MEMBER = r"train_val_annotation.zip:train_val_videodatainfo.json"
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_drop_key("sentences", 1, "caption"), r"sentences\[1\] \(video0\): caption None is not text"),
+    (_set("sentences", 1, "caption", None), r"sentences\[1\] \(video0\): caption None is not text"),
+    (_set("sentences", 4, "caption", 7), r"sentences\[4\] \(video1\): caption 7 is not text"),
+    (_set("sentences", 0, "video_id", "clip_7010"), r"sentences\[0\]: video_id 'clip_7010' is not of the form"),
+    (_set("sentences", 0, "video_id", "video007"), r"sentences\[0\]: video_id 'video007' is not of the form"),
+    (_set("videos", 2, "video_id", "video10000"), r"videos\[2\]: video_id 'video10000' is not of the form"),
+    (_append("sentences", "video0 a dog"), r"sentences\[9\]: expected an object with a 'video_id'"),
+    (_append("videos", {"video_id": "video1", "category": 3}), r"videos\[3\]: video1 is listed twice \(first"),
+    (_append("sentences", {"video_id": "video5", "caption": "x"}), r"sentences\[9\]: video5 is in no 'videos' list"),
+    (_append("sentences", {"video_id": "video0", "caption": "x", "sen_id": 3}),
+     r"sentences\[9\] \(video0\): sen_id 3 repeats \S+ sentences\[3\]"),
+    (_set("videos", 0, "category", 25), r"videos\[0\] \(video0\): category 25 is not an index in .*category.txt"),
+    (_set("videos", 0, "category", "music"), r"videos\[0\] \(video0\): category 'music' is not an index"),
+])
+def test_malformed_json_entry_is_named(small, edit, message):
+    def with_sen_ids(doc):  # the official files number their sentences; sen_id repeats are checked
+        for i, sentence in enumerate(doc["sentences"]):
+            sentence["sen_id"] = i
+        edit(doc)
+
+    _edit_train_val(small, with_sen_ids)
+    with pytest.raises(ValueError, match=JSON_MEMBER + " " + message):
+        msrvtt.read_annotations(small)
+
+
+ONE_K_HEADER = "key,vid_key,video_id,sentence\n"
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    (msrvtt.CSV_9K, "video_id\nvideo0\nvideo1\nvideo0\n", r"line 4: video0 repeats line 2"),
+    (msrvtt.CSV_9K, "video_id\nvideo0\nvideo0012\n", r"line 3: video_id 'video0012' is not of the form"),
+    (msrvtt.CSV_9K, "video_id\nvideo0\n\"video1\nvideo2\"\n", r"line 4: video_id 'video1\\nvideo2' is not of the form"),
+    (msrvtt.CSV_1KA, ONE_K_HEADER + "ret0,msr7010,video7010,a car\nret1,msr9770,video9770,a phone\n"
+     "ret1,msr9770,video9770,a phone\n", r"line 4: video9770 repeats line 3"),
+    (msrvtt.CSV_1KA, ONE_K_HEADER + "ret0,msr7010,video7010,  \n", r"line 2 \(video7010\): empty sentence"),
+    (msrvtt.CSV_1KA, ONE_K_HEADER + "ret0,msr7010,video7010\n", r"line 2: 3 fields, the header has 4"),
+    (msrvtt.CSV_1KA, ONE_K_HEADER + "ret0,msr7010,video7010,a,car\n", r"line 2: 5 fields, the header has 4"),
+])
+def test_malformed_csv_row_is_named(small, name, text, message):
+    (small / "annotations" / name).write_text(text)
+    with pytest.raises(ValueError, match=rf"{name} {message}"):
+        msrvtt.read_annotations(small)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("music\t0\npeople 1\n", r"line 2: 'people 1' is not 'name<TAB>index'"),
+    ("music\t0\npeople\tone\n", r"line 2: 'people\\tone' is not 'name<TAB>index'"),
+    ("music\t0\n\t1\n", r"line 2: '\\t1' is not 'name<TAB>index'"),
+    ("music\t0\npeople\t0\n", r"line 2: index 0 repeats line 1"),
+])
+def test_malformed_category_line_is_named(small, text, message):
+    _rezip(small, "category.txt", text)
+    with pytest.raises(ValueError, match=r"train_val_annotation.zip:category.txt " + message):
+        msrvtt.read_annotations(small)
+
+
+@pytest.mark.parametrize(("write", "message"), [
+    (lambda src: (src / "annotations" / "MSRVTT_train.9k.csv").write_bytes(b"video_id\nvideo0\nvideo1 caf\xe9\n"),
+     r"annotations/MSRVTT_train.9k.csv line 3: byte 0xe9 at offset 26 is not UTF-8"),
+    (lambda src: _rezip(src, "category.txt", b"music\t0\npeople\t1\nnot \xff\t2\n"),
+     r"train_val_annotation.zip:category.txt line 3: byte 0xff at offset 21 is not UTF-8"),
+    (lambda src: _rezip(src, "train_val_videodatainfo.json", b'{"videos": [],\n "sentences": [{"x": "\x93a\x94"}]}'),
+     JSON_MEMBER + r" line 2: byte 0x93 at offset 37 is not UTF-8"),
+])
+def test_text_that_is_not_utf8_is_named(small, write, message):
+    write(small)
+    with pytest.raises(ValueError, match=message):
+        msrvtt.read_annotations(small)
+
+
+def test_empty_captions_are_dropped_and_reported(small, tmp_path):
+    def blank_two(doc):
+        doc["sentences"][1]["caption"] = ""
+        doc["sentences"][4]["caption"] = " \t"
+
+    _edit_train_val(small, blank_two)
+    ds = msrvtt.prepare(small, tmp_path / "out")
+    assert ds.caption_rows("train_7k")[:4] == [
+        {"video_id": "video0", "sentence": "video0 caption 0"}, {"video_id": "video0", "sentence": "video0 caption 2"},
+        {"video_id": "video1", "sentence": "video1 caption 0"}, {"video_id": "video1", "sentence": "video1 caption 2"}]
+    manifest = load_json(tmp_path / "out" / "manifest.json")
+    where = f"{small / 'annotations' / 'train_val_annotation.zip'}:train_val_videodatainfo.json"
+    assert manifest["annotations"]["dropped_empty_captions"] == [
+        {"where": f"{where} sentences[1]", "video_id": "video0"},
+        {"where": f"{where} sentences[4]", "video_id": "video1"}]
+    assert f"2 empty captions dropped: {where} sentences[1] (video0), {where} sentences[4] (video1)" in (
+        msrvtt.describe(manifest))
+
+
+def test_videos_without_a_category_are_reported(small, tmp_path):
+    _edit_train_val(small, _drop_key("videos", 1, "category"))
+    ds = msrvtt.prepare(small, tmp_path / "out")
+    assert ds.videos["video1"]["category"] is None and ds.videos["video0"]["category"] == "cat0"
+    manifest = load_json(tmp_path / "out" / "manifest.json")
+    assert manifest["annotations"]["videos_without_category"] == ["video1", "video8888"]
+    report = msrvtt.describe(manifest)
+    assert "2 videos without a category (video1, video8888): title_source='category'" in report
+    assert "MSRVTT_train.9k.csv: 1 video ids without captions, left out of the split (video8888)" in report
+
+
+def test_shipped_category_names_fill_in_for_a_folder_without_category_txt(small, tmp_path):
+    with zipfile.ZipFile(small / "annotations" / "train_val_annotation.zip") as z:
+        doc = z.read("train_val_videodatainfo.json")
+    with zipfile.ZipFile(small / "annotations" / "train_val_annotation.zip", "w") as z:
+        z.writestr("train_val_videodatainfo.json", doc)
+    ds = msrvtt.prepare(small, tmp_path / "out")
+    assert ds.videos["video0"]["category"] == "music"  # category 0 (= 0 % 20) in the shipped list
+    assert ds.videos["video6513"]["category"] == "animals/pets"  # category 13
+    manifest = load_json(tmp_path / "out" / "manifest.json")
+    assert manifest["annotations"]["category_names_from"] == str(msrvtt.SHIPPED_CATEGORIES)
+    assert str(msrvtt.SHIPPED_CATEGORIES) in manifest["read"]
+    assert f"category names from {msrvtt.SHIPPED_CATEGORIES}" in msrvtt.describe(manifest)
+
+
+@needs_shared
+def test_shipped_category_list_is_the_official_file():
+    official = SHARED / "annotations" / "category.txt"
+    with zipfile.ZipFile(SHARED / "annotations" / "train_val_annotation.zip") as z:
+        assert z.read("category.txt") == official.read_bytes()
+    assert msrvtt.SHIPPED_CATEGORIES.read_bytes() == official.read_bytes()
+    assert hashlib.sha256(official.read_bytes()).hexdigest() in msrvtt.__doc__
+
+
+@needs_shared
+def test_real_annotations_need_no_drops(real):
+    manifest = load_json(real.root / "manifest.json")
+    assert manifest["annotations"]["dropped_empty_captions"] == []
+    assert manifest["annotations"]["videos_without_category"] == []
+    assert manifest["annotations"]["category_names_from"] == str(SHARED / "annotations" / "category.txt")
+    lines = (SHARED / "annotations" / "category.txt").read_text().splitlines()
+    names = {int(index): name for name, index in (line.split("\t") for line in lines)}
+    expected = {v["video_id"]: names[v["category"]] for v in _official_json()[0]}
+    assert {v: record["category"] for v, record in real.videos.items()} == expected
+
+
 # ---------------------------------------------------------------- the download path, offline
 
 
@@ -309,7 +489,7 @@ def test_download_path_offline(archives, tmp_path):
         hashlib.sha256((served / n).read_bytes()).hexdigest() for n in ("MSRVTT.zip", "msrvtt_data.zip")]
     ds = msrvtt.prepare(source, tmp_path / "out", records)
     assert ds.info["caption_source"] == "clip4clip-merged"
-    assert ds.videos["video9770"]["category"] is None  # no category.txt in these archives
+    assert ds.videos["video9770"]["category"] == "people"  # index 1 in the shipped category list
     assert ds.split("test_1ka", present_only=True).video_ids == ["video9770"]
     assert load_json(tmp_path / "out" / "manifest.json")["downloads"] == json.loads(json.dumps(records))
 
@@ -330,3 +510,61 @@ def test_extract_refuses_paths_outside_dest(tmp_path):
     (tmp_path / "evil.zip").write_bytes(buf.getvalue())
     with pytest.raises(ValueError, match="outside"):
         extract(tmp_path / "evil.zip", tmp_path / "dest")
+
+
+# ---------------------------------------------------------------- a bad cached download
+
+
+def _damaged(zip_bytes: bytes) -> bytes:
+    """``zip_bytes`` with one byte of the first stored member's data changed (its CRC no longer matches)."""
+    data = bytearray(zip_bytes)
+    start = data.index(b"MSRVTT/videos/all/video9770.mp4") + len("MSRVTT/videos/all/video9770.mp4")
+    data[start + 100] ^= 0xFF
+    return bytes(data)
+
+
+@pytest.mark.parametrize("cached", [
+    lambda good: b"<html>503 Service Unavailable</html>",  # an error page saved under the archive's name
+    lambda good: good[: len(good) // 2],  # a truncated copy
+    _damaged,
+])
+def test_a_cached_archive_that_is_not_a_good_zip_is_fetched_again(archives, tmp_path, cached):
+    served, arch = archives
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    bad = cache / "MSRVTT.zip"
+    bad.write_bytes(cached((served / "MSRVTT.zip").read_bytes()))
+    calls = []
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(bad))} \(\d+ bytes\) is not a readable zip .*: deleted it, "
+                                         r"downloading https://example.invalid/data/MSRVTT.zip again"):
+        source, records = msrvtt.download(cache, arch, _serve(served, calls))
+    assert calls == [a.url for a in arch]
+    assert bad.read_bytes() == (served / "MSRVTT.zip").read_bytes()
+    assert records[0]["sha256"] == hashlib.sha256(bad.read_bytes()).hexdigest()
+    clip = source / "MSRVTT" / "MSRVTT" / "videos" / "all" / "video9770.mp4"
+    assert clip.read_bytes() == (CLIPS / "carphone_distorted.mp4").read_bytes()
+
+
+def test_an_archive_that_stays_bad_is_refused_and_deleted(archives, tmp_path):
+    served, arch = archives
+    (served / "MSRVTT.zip").write_bytes(b"<html>403 Forbidden</html>")
+    cache = tmp_path / "cache"
+    calls = []
+    refused = rf"{re.escape(str(cache / 'MSRVTT.zip'))} \(26 bytes\) is not a readable zip .* after downloading "
+    refused += re.escape(arch[0].url)
+    with pytest.warns(UserWarning, match="deleted it"), pytest.raises(ValueError, match=refused):
+        msrvtt.download(cache, arch, _serve(served, calls))
+    assert calls == [arch[0].url, arch[0].url]
+    assert not (cache / "MSRVTT.zip").exists()  # never reused by the next run
+
+
+def test_a_cached_archive_with_the_wrong_known_hash_is_fetched_again(archives, tmp_path):
+    served, arch = archives
+    sha = hashlib.sha256((served / "msrvtt_data.zip").read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "msrvtt_data.zip").write_bytes((served / "MSRVTT.zip").read_bytes())  # a valid zip, the wrong one
+    calls = []
+    record = fetch(Archive(arch[1].url, sha), cache, _serve(served, calls))
+    assert calls == [arch[1].url]
+    assert record["sha256"] == sha == hashlib.sha256((cache / "msrvtt_data.zip").read_bytes()).hexdigest()

@@ -161,3 +161,37 @@ def test_bad_arguments():
         bert_adam([p], lr=1.0, warmup=1.5)
     with pytest.raises(ValueError, match="bert_adam"):
         make_optimizer("sgd", [{"params": [p]}], 1.0, 0.1, 10, 0.0)
+
+
+def clip4clip_bert_adam_step(p, grad, state, lr, b1=0.9, b2=0.98, e=1e-6, wd=0.2, max_norm=1.0):
+    """One BertAdam update of tensor ``p`` as ArrowLuo/CLIP4Clip modules/optimization.py
+    BertAdam.step writes it: state and every operation in ``p``'s dtype (no float32 master copy),
+    ``update_with_lr = lr * update`` rounded to that dtype, then subtracted."""
+    if not state:
+        state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+    norm = torch.linalg.vector_norm(grad)  # per-tensor clip, as clip_grad_norm_(p, max_norm)
+    grad = grad * torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    state["m"] = state["m"].mul(b1).add(grad, alpha=1 - b1)
+    state["v"] = state["v"].mul(b2).addcmul(grad, grad, value=1 - b2)
+    update = state["m"] / (state["v"].sqrt() + e) + wd * p
+    update_with_lr = lr * update
+    state["step"] += 1
+    return p - update_with_lr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_bert_adam_updates_in_the_param_dtype_as_clip4clip(dtype):
+    # CLIP4Clip's fp16 CLIP weights (convert_weights) are updated in fp16: with lr 1e-7 the rounded
+    # update is mostly below half an ulp of the weight, so most elements never change (CLIP4Clip#96)
+    g = torch.Generator().manual_seed(0)
+    init = (torch.randn(4000, generator=g) * 0.02).to(dtype)
+    grads = [(torch.randn(4000, generator=g) * 1e-3).to(dtype) for _ in range(4)]
+    p = nn.Parameter(init.clone())
+    opt = bert_adam([p], lr=1e-7, t_total=-1)
+    expected, state = init.clone(), {}
+    for grad in grads:
+        p.grad = grad.clone()
+        opt.step()
+        expected = clip4clip_bert_adam_step(expected, grad, state, lr=1e-7)
+    assert opt.state[p]["next_m"].dtype == opt.state[p]["next_v"].dtype == dtype
+    assert torch.equal(p.detach(), expected), f"{int((p.detach() != expected).sum())} of 4000 elements differ"

@@ -1,35 +1,61 @@
-"""Profiles, the notebooks' parameters cells, and committed notebooks without outputs."""
-import ast
+"""Profiles, the notebooks' parameters cells, and committed notebooks without outputs.
+
+Bad profiles are built here, in a temporary params folder, against tiny notebooks made with
+nbformat (``profiles.PARAMS_DIR`` / ``profiles.NOTEBOOKS_DIR`` monkeypatched).
+"""
 import json
 import os
-from pathlib import Path
+import re
 
+import nbformat
 import pytest
 import yaml
 
-from vidret_lib import profiles
-from vidret_lib.reproduce import notebook_paths
+from vidret_lib import profiles, reproduce
 
-NOTEBOOKS = notebook_paths()
+NOTEBOOKS = profiles.notebook_paths()
+
+
+def make_notebook(folder, stem, parameters):
+    """A notebook ``folder/stem.ipynb`` whose tagged parameters cell is ``parameters`` (source)."""
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(parameters)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell("print('ran')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    folder.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, folder / f"{stem}.ipynb")
+    return folder / f"{stem}.ipynb"
+
+
+TRAINING = """lr: float = 0.0005
+epochs: int = 20
+seeds: list[int] = [0, 1, 2]
+title: str = "title"
+shuffle: bool = False
+sizes: list = [1, "a"]
+msrvtt_source: str = ""
+results_dir: str = "../results"
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A params folder and two tiny notebooks: 02_vsepp (trains) and 07_summary (results_dir only)."""
+    make_notebook(tmp_path / "notebooks", "02_vsepp", TRAINING)
+    make_notebook(tmp_path / "notebooks", "07_summary", 'results_dir: str = "../results"\n')
+    (tmp_path / "params").mkdir()
+    monkeypatch.setattr(profiles, "NOTEBOOKS_DIR", tmp_path / "notebooks")
+    monkeypatch.setattr(profiles, "PARAMS_DIR", tmp_path / "params")
+    # reproduce.main changes the environment its kernels inherit (drops VIDRET_SMOKE): setenv makes
+    # monkeypatch restore both variables, or every later nbval notebook would run at full size
+    monkeypatch.setenv(profiles.SMOKE_ENV, os.environ.get(profiles.SMOKE_ENV, "1"))
+    monkeypatch.setenv("VIDRET_PROGRESS", os.environ.get("VIDRET_PROGRESS", "0"))
+    return tmp_path / "params"
 
 
 def _cells(path):
     return json.loads(path.read_text())["cells"]
-
-
-def _parameters_cell(path):
-    tagged = [c for c in _cells(path) if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
-    return "".join(tagged[0]["source"])
-
-
-def _parameter_values(path):
-    values = {}
-    for node in ast.parse(_parameters_cell(path)).body:
-        assert isinstance(node, (ast.Assign, ast.AnnAssign)), f"{path.name}: only assignments in parameters"
-        target = node.targets[0] if isinstance(node, ast.Assign) else node.target
-        values[target.id] = ast.literal_eval(node.value)  # raises unless a literal
-    return values
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -38,33 +64,107 @@ def test_committed_notebook_has_no_outputs(path):
     assert not dirty, f"{path.name} carries outputs in cells {dirty}: clear them before committing"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_parameters_cell_is_typed_literals(path):
-    assert _parameter_values(path)
+def test_parameters_cells_read_as_papermill_reads_them():
+    import ast
+
+    import papermill as pm
+
+    for path in NOTEBOOKS:
+        ours = profiles.notebook_parameters(path)
+        theirs = pm.inspect_notebook(str(path))
+        assert ours == {n: {"annotation": p["inferred_type_name"], "default": ast.literal_eval(p["default"])}
+                        for n, p in theirs.items()}, path.name
+
+
+def test_every_parameter_is_annotated_and_its_default_fits(tmp_path, monkeypatch):
+    # a profile that sets every parameter of every notebook to its own default must pass the check
+    notebooks = {p.stem: profiles.notebook_parameters(p) for p in NOTEBOOKS}
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(
+        {stem: {n: p["default"] for n, p in params.items()} for stem, params in notebooks.items()}))
+    monkeypatch.setattr(profiles, "PARAMS_DIR", tmp_path)
+    got = profiles.profile_overrides("all", notebooks)
+    assert got == {stem: {n: p["default"] for n, p in params.items()} for stem, params in notebooks.items()}
+    lists = {p["annotation"] for params in notebooks.values() for p in params.values() if isinstance(p["default"], list)}
+    assert lists <= {"list[int]", "list[float]"}, "list parameters name their element type"
 
 
 @pytest.mark.parametrize("profile", profiles.profile_names())
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_profiles_name_only_known_parameters_with_matching_types(profile, path):
-    known = _parameter_values(path)
-    overrides = profiles.profile_params(profile, path.stem)
-    profiles.check_names(overrides, set(known), path.name)
-    for name, value in overrides.items():
-        assert type(value) is type(known[name]), f"{profile}.yaml sets {path.stem}.{name} to a {type(value).__name__}"
+def test_committed_profiles_pass_the_check(profile):
+    overrides = profiles.profile_overrides(profile)
+    assert set(overrides) == {p.stem for p in NOTEBOOKS}
+    if profile == "msrvtt-gpu":  # OpenAI weights need the QuickGELU model; the source is set once
+        assert {o["encoder"] for s, o in overrides.items() if "encoder" in o} == {"ViT-B-32-quickgelu"}
+        assert "msrvtt_source" in yaml.safe_load(profiles.read_profile(profile)[0].read_text())["common"]
 
 
-def test_unknown_parameter_is_an_error(tmp_path, monkeypatch):
-    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump({"common": {"epochs": 1}, "nb": {"typo_lr": 1.0}}))
-    monkeypatch.setattr(profiles, "PARAMS_DIR", tmp_path)
+def test_common_applies_where_defined_and_anchor_sections_are_not_notebooks(tiny):
+    (tiny / "p.yaml").write_text(
+        "common:\n  msrvtt_source: /data/msrvtt\n  results_dir: ../r\n"
+        "x-training: &training\n  lr: 1\n  seeds: [7]\n"
+        "02_vsepp:\n  <<: *training\n  shuffle: true\n  sizes: [2, b]\n")
+    assert profiles.profile_overrides("p") == {
+        "02_vsepp": {"msrvtt_source": "/data/msrvtt", "results_dir": "../r", "lr": 1, "seeds": [7],
+                     "shuffle": True, "sizes": [2, "b"]},
+        "07_summary": {"results_dir": "../r"},  # 07 defines no msrvtt_source: common skips it there
+    }
+
+
+BAD_PROFILES = {  # YAML text -> what the one-line error must say (after naming the file)
+    "02_vsepp:\n  lr: 1e-4\n": r"02_vsepp\.lr = '1e-4' .*`lr: float`.*YAML 1\.1 reads 1e-4 as text: write 1\.0e-4",
+    "02_vsepp:\n  lr: 3.0e4\n": r"write 3\.0e\+4",
+    "02_vsepp:\n  lr: '0.001'\n": r"02_vsepp\.lr = '0\.001'.*remove the quotes: write 0\.001",
+    "02_vsepp:\n  lr: fast\n": r"lr = 'fast'.*write a number",
+    "02_vsepp:\n  lr: true\n": r"YAML read a boolean, not a number",
+    "02_vsepp:\n  lr:\n": r"lr = None.*give it a value",
+    "02_vsepp:\n  epochs: '2'\n": r"epochs = '2' .*`epochs: int`.*remove the quotes: write 2",
+    "02_vsepp:\n  epochs: 2.0\n": r"epochs = 2\.0 .*write 2$",
+    "02_vsepp:\n  seeds: []\n": r"seeds = \[\] .*`seeds: list\[int\]`.*empty; give at least one value",
+    "02_vsepp:\n  seeds: 0\n": r"seeds = 0 .*not a list; write \[0\]",
+    "02_vsepp:\n  seeds: [0, 1.5]\n": r"seeds = \[0, 1\.5\] .*item 1: YAML read a float, not int",
+    "02_vsepp:\n  sizes: []\n": r"sizes = \[\] .*empty",
+    "02_vsepp:\n  title: no\n": r"title = False .*YAML 1\.1 reads yes/no/on/off/true/false as booleans: quote",
+    "02_vsepp:\n  title: 3\n": r"title = 3 .*quote it: '3'",
+    "02_vsepp:\n  shuffle: 'yes'\n": r"shuffle = 'yes' .*write true or false",
+    "common:\n  epochs: '2'\n": r"common\.epochs = '2' .*notebook 02_vsepp",
+    "02_vsepp:\n  lr: [1.0\n": r"invalid YAML at line 3, column 1: .*fix the syntax there",
+    "- 02_vsepp\n": r"the top level must map sections .*not a list",
+    "common: [1, 2]\n": r"section 'common' must map parameter names to values, not a list \(\[1, 2\]\)",
+    "02_vsepp: 5\n": r"section '02_vsepp' must map parameter names",
+    "02_vsep:\n  lr: 0.1\n": r"unknown section '02_vsep': did you mean '02_vsepp'\? sections are the notebooks",
+    "features:\n  lr: 0.1\n": r"unknown section 'features': sections are .*'x-<name>' for YAML anchors",
+    "7: {}\n": r"section 7 is not a name",
+    "common:\n  lrr: 0.1\n": r"common sets \['lrr'\], which no notebook defines",
+    "02_vsepp:\n  typo_lr: 1.0\n": r"unknown parameter\(s\) \['typo_lr'\] for notebook 02_vsepp",
+}
+
+
+@pytest.mark.parametrize("text", BAD_PROFILES, ids=lambda t: t.replace("\n", "|"))
+def test_bad_profile_is_a_one_line_error_naming_file_and_key_before_anything_runs(tiny, text, monkeypatch, capsys):
+    (tiny / "bad.yaml").write_text(text)
+    ran = []
+    monkeypatch.setattr(reproduce, "run_notebook", lambda path, *a: ran.append(path) or "ran")
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--profile", "bad"])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"reproduce: {tiny / 'bad.yaml'}: ") and "\n" not in message, message
+    assert re.search(BAD_PROFILES[text], message), message
+    assert ran == [], "a bad value in any notebook's section must stop the run before the first notebook"
+
+
+def test_smoke_values_are_checked_in_the_notebook_too(tiny, monkeypatch):
     monkeypatch.setenv(profiles.SMOKE_ENV, "1")
-    ns = {"epochs": 5, "lr": 1e-4}
-    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['typo_lr'\]"):
-        profiles.apply_smoke(ns, "nb")
-    assert ns == {"epochs": 5, "lr": 1e-4}, "nothing may be applied when a name is wrong"
-    ns = {"epochs": 5, "typo_lr": 0.0}
-    assert profiles.apply_smoke(ns, "nb") and ns == {"epochs": 1, "typo_lr": 1.0}
+    (tiny / "smoke.yaml").write_text("02_vsepp:\n  lr: 1e-4\n")
+    ns = {"lr": 0.0005, "epochs": 20}
+    with pytest.raises(profiles.ProfileError, match=r"smoke\.yaml: 02_vsepp\.lr = '1e-4' .*write 1\.0e-4"):
+        profiles.apply_smoke(ns, "02_vsepp")
+    assert ns == {"lr": 0.0005, "epochs": 20}, "nothing may be applied when a value is wrong"
+    (tiny / "smoke.yaml").write_text("02_vsepp:\n  typo_lr: 1.0\n")
+    with pytest.raises(profiles.ProfileError, match=r"unknown parameter\(s\) \['typo_lr'\]"):
+        profiles.apply_smoke(ns, "02_vsepp")
+    (tiny / "smoke.yaml").write_text("common:\n  results_dir: ../r\n02_vsepp:\n  epochs: 1\n")
+    assert profiles.apply_smoke(ns, "02_vsepp") and ns == {"lr": 0.0005, "epochs": 1, "results_dir": "../r"}
     monkeypatch.setenv(profiles.SMOKE_ENV, "0")
-    assert not profiles.apply_smoke(ns, "other")
+    assert not profiles.apply_smoke(ns, "07_summary")
 
 
 def test_missing_profile_is_named():
@@ -72,57 +172,15 @@ def test_missing_profile_is_named():
         profiles.profile_params("nope", "01_x")
 
 
-def test_reproduce_checks_every_notebook_before_running_any(tmp_path, monkeypatch):
-    from vidret_lib import reproduce
-
-    # main() sets the environment its notebook kernels inherit (it drops VIDRET_SMOKE): setenv makes
-    # monkeypatch restore both variables, or every later nbval notebook would run at full size
-    monkeypatch.setenv(profiles.SMOKE_ENV, os.environ.get(profiles.SMOKE_ENV, "1"))
-    monkeypatch.setenv("VIDRET_PROGRESS", os.environ.get("VIDRET_PROGRESS", "0"))
-    last = NOTEBOOKS[-1].stem
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({last: {"typo_lr": 1.0}}))
-    monkeypatch.setattr(profiles, "PARAMS_DIR", tmp_path)
-    ran = []
-    monkeypatch.setattr(reproduce, "run_notebook", lambda path, *a: ran.append(path) or "ran")
-    with pytest.raises(SystemExit, match=rf"unknown parameter\(s\) \['typo_lr'\] for notebook {last}"):
-        reproduce.main(["--profile", "bad"])
-    assert ran == [], "a typo in the last notebook's parameters must stop the run before the first notebook"
-    (tmp_path / "good.yaml").write_text(yaml.safe_dump({}))
-    assert reproduce.main(["--profile", "good"]) == 0 and ran == NOTEBOOKS
-
-
-def test_run_notebook_skips_up_to_date_work_and_names_the_failing_cell(tmp_path, monkeypatch):
-    import papermill as pm
-
-    from vidret_lib import reproduce
-
-    monkeypatch.setattr(reproduce, "EXECUTED_DIR", tmp_path)
-    calls = []
-
-    def execute(src, out, **kw):
-        calls.append(kw["parameters"])
-        Path(out).write_text("{}")
-
-    monkeypatch.setattr(pm, "execute_notebook", execute)
-    nb = NOTEBOOKS[-1]
-    assert reproduce.run_notebook(nb, "default") == "ran"
-    assert reproduce.run_notebook(nb, "default") == "up to date" and len(calls) == 1
-    assert reproduce.run_notebook(nb, "smoke") == "ran" and len(calls) == 2, "another profile is other work"
-    stamp = tmp_path / "default" / nb.with_suffix(".stamp").name
-    stamp.write_text("stale")  # as after an edit of the notebook or the library
-    assert reproduce.run_notebook(nb, "default") == "ran" and len(calls) == 3
-    assert reproduce.run_notebook(nb, "default", force=True) == "ran" and len(calls) == 4
-
-    def fail(src, out, **kw):
-        raise pm.PapermillExecutionError(5, 7, "x = 1 / 0", "ZeroDivisionError", "division by zero", [])
-
-    monkeypatch.setattr(pm, "execute_notebook", fail)
-    stamp.write_text("stale")
-    with pytest.raises(SystemExit, match=r"failed in cell 5 \(execution count 7\): ZeroDivisionError: division by zero"):
-        reproduce.run_notebook(nb, "default")
-    assert not stamp.exists(), "a failed notebook must not look up to date"
+def test_parameters_cell_must_hold_literals(tiny):
+    bad = make_notebook(profiles.NOTEBOOKS_DIR, "03_x", "import os\nlr: float = 0.1\n")
+    with pytest.raises(profiles.ProfileError, match=r"03_x\.ipynb: the parameters cell may only hold .*`import os`"):
+        profiles.notebook_parameters(bad)
+    bad = make_notebook(profiles.NOTEBOOKS_DIR, "03_x", "lr: float = 1 / 10\n")
+    with pytest.raises(profiles.ProfileError, match=r"lr = 1 / 10 is not a literal"):
+        profiles.notebook_parameters(bad)
 
 
 def test_the_test_session_stays_on_the_smoke_profile():
-    # runs after the reproduce tests above: nbval's notebooks read this variable from the environment
+    # reproduce.main drops VIDRET_SMOKE from the environment; nbval's notebooks read it
     assert os.environ.get(profiles.SMOKE_ENV) == "1"

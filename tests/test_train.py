@@ -1,4 +1,5 @@
-"""The trainer: loss dispatch and masking vs naive loops, sampling, selection, determinism,
+"""The trainer: loss dispatch and masking vs naive loops, sampling (and its global batches under
+N processes vs torch's DistributedSampler), the end-to-end-only switches, selection, determinism,
 a toy problem learned far above chance, evaluation with re-ranking, QB-Norm vs a naive loop,
 end-to-end mode on a tiny open_clip model, and the CIKM pair-similarity trainer."""
 import math
@@ -9,7 +10,10 @@ import pytest
 import scipy.stats
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
+from vidret_lib.clip4clip_recipe import plan_steps
 from vidret_lib.datasets import Split
 from vidret_lib.encoders import Encoder
 from vidret_lib.losses import dual_softmax_rerank, infonce_loss, modality_shuffle_loss, vsepp_loss
@@ -72,6 +76,16 @@ def test_feature_split_checks_shapes():
         FeatureSplit(torch.zeros(3, 4), torch.zeros(2, 5, 4), torch.ones(2, 5, dtype=bool), [0, 0, 2])
     with pytest.raises(ValueError, match="modality_shuffle"):
         TrainConfig(loss="modality_shuffle").validate()
+
+
+def test_end_to_end_switches_are_refused_in_frozen_mode():
+    with pytest.raises(ValueError, match=r"unknown precision 'fp16'; valid values: \('fp32'"):
+        TrainConfig(mode="end_to_end", precision="fp16").validate()
+    for switch in (dict(precision="fp16_weights"), dict(freeze_layer_num=0), dict(learned_logit_scale=True)):
+        name = next(iter(switch))
+        with pytest.raises(ValueError, match=f"{name}=.* trains the CLIP towers: set mode='end_to_end'"):
+            TrainConfig(**switch).validate()
+        TrainConfig(mode="end_to_end", **switch).validate()
 
 
 # ---------------------------------------------------------------- loss dispatch and masking
@@ -182,6 +196,24 @@ def test_epoch_batches_video_and_caption_sampling():
     assert all(torch.equal(cv[c], v) for c, v in batches)
 
 
+@pytest.mark.parametrize("n, batch, world", [(7, 4, 4), (37, 6, 3), (131, 8, 2), (130, 4, 4), (10, 10, 1), (9, 4, 1)])
+def test_epoch_batches_are_the_global_batches_of_clip4clips_distributed_sampler(n, batch, world):
+    # CLIP4Clip (dataloader_msrvtt_train): a DistributedSampler pads the shuffled samples to a
+    # multiple of world by repeating the start, each process batches its share with drop_last;
+    # global batch k is the union of every process's batch k. Here the sampler runs unshuffled
+    # over the order the trainer drew, so both see the same permutation.
+    cv = torch.arange(n)  # one caption per video: caption index = video index
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    config = TrainConfig(batch_size=batch, sampling="caption")
+    got = _epoch_batches(cv, n, config, torch.Generator().manual_seed(0), world)
+    loaders = [DataLoader(order, batch_size=batch // world, drop_last=True,
+                          sampler=DistributedSampler(order, num_replicas=world, rank=r, shuffle=False))
+               for r in range(world)]
+    expected = [sorted(torch.cat(per_rank).tolist()) for per_rank in zip(*loaders)]
+    assert [sorted(c.tolist()) for c, _ in got] == expected
+    assert len(got) == plan_steps(n, batch, 1, world).steps_per_epoch
+
+
 # ---------------------------------------------------------------- training
 def test_infonce_meanp_learns_toy_problem_far_above_chance():
     tr, va = toy_split(96, 2), toy_split(40, 1, seed=1)
@@ -285,7 +317,7 @@ def test_end_to_end_step_changes_tower_weights():
     enc = tiny_clip_encoder()
     frames = np.random.default_rng(0).integers(0, 255, size=(2, 2, 32, 32, 3), dtype=np.uint8)
     masks = np.array([[True, True], [True, False]])
-    cache = SimpleNamespace(load=lambda vid: (frames[int(vid[1:])], masks[int(vid[1:])]))  # a frame cache
+    cache = SimpleNamespace(failed={}, load=lambda vid: (frames[int(vid[1:])], masks[int(vid[1:])]))  # a frame cache
     raw = RawSplit.from_frame_cache(cache, Split("train", ["a dog runs", "a cat sleeps"], ["v0", "v1"]))
     before = {n: p.detach().clone() for n, p in enc.model.named_parameters()}
     cfg = TrainConfig(mode="end_to_end", epochs=1, batch_size=2, lr=1e-3, coef_lr=1.0, warmup=0.0, select="last")

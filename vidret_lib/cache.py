@@ -2,19 +2,28 @@
 
 Every expensive artefact (decoded frames, features, trained heads) is stored under a key
 that names what produced it, so a changed parameter never silently reuses stale data.
-Writes go to a temporary file in the same folder and are renamed into place, so a killed
-run never leaves a half-written file that a later run would read as valid.
+Writes go to a temporary file in the same folder, are flushed to disk and renamed into place,
+so a killed run (or a power cut) never leaves a half-written file that a later run would read
+as valid. A temporary file names its writer (host and process id): only temporaries whose writer
+is gone are ever deleted, so two processes can fill one cache folder at once. A folder that must
+be built by one process at a time (a generated dataset) is guarded with :func:`folder_lock`.
 """
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import json
 import os
 import re
+import socket
+import sys
 import tempfile
+import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -38,15 +47,72 @@ def cache_key(name: str, **parts: Any) -> str:
     return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
+# A temporary file is ".<target name>~<host>~<pid>~<random>.tmp": its writer is known, so that a
+# cleanup never deletes the file another live process is writing (hostnames hold no "~").
+_TMP_OWNER = re.compile(r"~(?P<host>[^~]+)~(?P<pid>[0-9]+)~[^~]*\.tmp$")
+STALE_TMP_SECONDS = 24 * 3600  # a temporary this old is litter even if its pid is alive again (pid reuse)
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}~{socket.gethostname()}~{os.getpid()}~"
+
+
+def _writer_gone(tmp: Path) -> bool:
+    """Whether the process that created temporary file ``tmp`` can no longer be writing it."""
+    owner = _TMP_OWNER.search(tmp.name)
+    if owner is None:  # no owner in the name: left by an older version of this module
+        return True
+    try:
+        if time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+            return True
+    except FileNotFoundError:  # its writer renamed or removed it meanwhile
+        return False
+    if owner["host"] != socket.gethostname():  # another machine on a shared disk: only age tells
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = ".*.tmp") -> list[Path]:
+    """Delete the temporary files in ``folder`` (matching ``pattern``) whose writer is gone.
+
+    A writer is gone when its process (same host) no longer exists, when the file is older than
+    ``STALE_TMP_SECONDS``, or when the file name carries no writer (an older version made it).
+    Temporaries of live writers are left alone. Returns the deleted paths.
+    """
+    removed = []
+    for tmp in Path(folder).glob(pattern):
+        if _writer_gone(tmp):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file to ``path`` atomically.
 
-    The temporary file lives in the destination folder (same filesystem) and is removed
-    if ``write`` raises, so ``path`` is either absent or complete.
+    The temporary file lives in the destination folder (same filesystem), is named after this
+    process, and is removed if ``write`` raises, so ``path`` is either absent, old or complete.
+    Its data is fsync-ed before the rename and the folder after it, so a power cut cannot leave
+    an empty file under ``path``. Temporaries of ``path`` left by killed writers are deleted.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path.parent, f".{glob.escape(path.name)}~*.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)  # read the process umask (there is no getter) and put it back
@@ -54,11 +120,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
     try:
         write(tmp_path)
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())  # the data is on disk before the name points at it
         os.replace(tmp_path, path)
+        _fsync_dir(path.parent)  # ... and the rename itself is on disk
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        tmp_path.unlink(missing_ok=True)
     return path
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (``fcntl.flock`` on ``folder/.vidret.lock``).
+
+    Use it around work that must not run twice at once in one folder (generating a dataset):
+    a second process waits, saying so on stderr, and then finds the work done. The lock is
+    released when the block exits or the process dies. POSIX only (``fcntl``).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".vidret.lock"
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that holds {lock} ...", file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield lock
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # a JSON array of numbers / booleans / nulls only, as json.dumps(indent=2) lays it out (one item per
@@ -91,15 +182,20 @@ def save_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def load_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file, naming the file in the error if it is unreadable."""
+def load_json(path: str | os.PathLike, fix: str = "delete it to recompute") -> Any:
+    """Read a JSON file, naming the file in the error if it is unreadable.
+
+    Raises ``FileNotFoundError`` if ``path`` is absent, ``ValueError`` if it is not valid JSON;
+    ``fix`` is the advice that error gives (what actually rebuilds the file: for a cache
+    entry, deleting it; for a file that is part of a bigger whole, say what rebuilds the whole).
+    """
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); delete it to recompute") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {fix}") from None
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:

@@ -28,6 +28,13 @@ from .cache import load_json, save_json
 LAYOUT_VERSION = 1
 
 
+def _rebuild_advice(root: Path) -> str:
+    """What rebuilds a damaged layout file: only a root without ``dataset.json`` is prepared again
+    (``vidret_lib.pipeline.prepare_dataset``, ``data_prep``); deleting another file alone does nothing."""
+    return (f"delete {root / 'dataset.json'} (or the whole folder {root}) and run again: the notebook "
+            "(or data_prep) rebuilds a dataset whose dataset.json is absent")
+
+
 @dataclass(frozen=True)
 class Split:
     """One split: its captions, its videos, and which video each caption describes."""
@@ -92,7 +99,7 @@ class Dataset:
             raise FileNotFoundError(
                 f"{path} does not exist: dataset {self.name!r} has splits {self.split_names()}"
             )
-        rows = load_json(path)["captions"]
+        rows = load_json(path, _rebuild_advice(self.root))["captions"]
         unknown = sorted({c["video_id"] for c in rows} - set(self.videos))
         if unknown:
             raise ValueError(f"{path} names videos absent from videos.json: {unknown[:5]} ...")
@@ -122,13 +129,13 @@ class Dataset:
     def manifest(self) -> dict[str, Any]:
         """The data-prep manifest (expected vs present videos), or {} if there is none."""
         path = self.root / "manifest.json"
-        return load_json(path) if path.exists() else {}
+        return load_json(path, _rebuild_advice(self.root)) if path.exists() else {}
 
     def pairs(self, name: str) -> list[dict[str, Any]]:
         path = self.root / "pairs" / f"{name}.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: dataset {self.name!r} has no {name!r} pair split")
-        return load_json(path)
+        return load_json(path, _rebuild_advice(self.root))
 
     def video_path(self, video_id: str) -> Path:
         p = Path(self.videos[video_id]["path"])
@@ -152,8 +159,8 @@ def load_dataset(root: str | os.PathLike) -> Dataset:
             f"{root} is not a prepared dataset (no dataset.json); run "
             "`python -m data_prep.synthetic --out DIR` or `python -m data_prep.msrvtt --out DIR` first"
         )
-    info = load_json(root / "dataset.json")
-    videos = {v["video_id"]: v for v in load_json(root / "videos.json")}
+    info = load_json(root / "dataset.json", _rebuild_advice(root))
+    videos = {v["video_id"]: v for v in load_json(root / "videos.json", _rebuild_advice(root))}
     return Dataset(root=root, info=info, videos=videos)
 
 

@@ -25,9 +25,10 @@ Two kinds of encoder share one interface (:class:`Encoder`):
     convnet.
 
 * any open_clip architecture with a pretrained tag or a local checkpoint file, e.g.
-  ``load_encoder("ViT-B-32", pretrained="openai")``, the papers' backbone (downloads the
-  weights on first use; that needs the internet, so tests only use ``pretrained=None``
-  or a file).
+  ``load_encoder("ViT-B-32-quickgelu", pretrained="openai")``, the papers' backbone (downloads
+  the weights on first use; that needs the internet, so tests only use ``pretrained=None``
+  or a file). A tag trained with another activation than the architecture is an error:
+  OpenAI's weights need QuickGELU, and ``ViT-B-32`` (nn.GELU) with ``"openai"`` is refused.
 
 ``encode_image`` / ``encode_text`` return features in the shared space, **not**
 L2-normalised (the heads normalise). End-to-end training calls the public pieces with
@@ -273,6 +274,7 @@ def _load_open_clip(
         if pretrained not in open_clip.list_pretrained_tags_by_model(name):
             raise ValueError(f"{pretrained!r} is neither a file nor a pretrained tag of {name}: "
                              f"{open_clip.list_pretrained_tags_by_model(name)}")
+        _check_activation(name, pretrained)
     else:
         weights = f"random{init_seed}"
     with torch.random.fork_rng(devices=[]):
@@ -287,12 +289,50 @@ def _load_open_clip(
     mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
     embed_dim = open_clip.get_model_config(name)["embed_dim"]
     cache_id = cache_key(
-        f"{name}-{weights}-{size}px", model=name, weights=weights, image_size=size,
+        f"{name}-{weights}-{size}px", model=name, weights=weights, activation=_activation(model), image_size=size,
         mean=mean, std=std, resize="bicubic-antialias shortest-side center-crop",
         context_length=tokenizer.context_length,
         packages=package_versions("open_clip_torch", "torch"),
     )
     return Encoder(model, name, cache_id, embed_dim, size, device, mean, std, tokenizer)
+
+
+def _check_activation(name: str, tag: str) -> None:
+    """Refuse a pretrained tag trained with another MLP activation than architecture ``name``.
+
+    OpenAI's CLIP (and e.g. LAION-400M, MetaCLIP) weights were trained with QuickGELU
+    (``x * sigmoid(1.702 x)``); open_clip 3.x builds ``ViT-B-32`` with ``nn.GELU`` even for
+    ``pretrained="openai"`` and only warns, giving features that differ from CLIP4Clip's,
+    while ``ViT-B-32-quickgelu`` reproduces them to 2e-6 (``../shared/spec/papers.md`` §0).
+    The tag's activation is open_clip's ``quick_gelu`` flag of the tag (``open_clip/pretrained.py``),
+    the architecture's that of its config (``open_clip/model_configs/<name>.json``).
+
+    Raises:
+        ValueError: naming the architecture to use instead.
+    """
+    import open_clip
+
+    wanted = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+    built = bool(open_clip.get_model_config(name).get("quick_gelu", False))
+    if wanted == built:
+        return
+    other = f"{name}-quickgelu" if wanted else name.removesuffix("-quickgelu")
+    act = {True: "QuickGELU", False: "nn.GELU"}
+    fix = (f"use load_encoder({other!r}, pretrained={tag!r})"
+           if tag in open_clip.list_pretrained_tags_by_model(other)
+           else f"choose an open_clip architecture with {act[wanted]} that has the tag {tag!r}")
+    raise ValueError(
+        f"{name} uses {act[built]} but its pretrained weights {tag!r} were trained with {act[wanted]} "
+        f"(open_clip only warns and computes different features); {fix}"
+    )
+
+
+def _activation(model: nn.Module) -> str:
+    """The MLP activation(s) of an open_clip model, e.g. ``"QuickGELU"`` (for cache keys)."""
+    from open_clip.transformer import QuickGELU
+
+    found = {type(m).__name__ for m in model.modules() if isinstance(m, (QuickGELU, nn.GELU))}
+    return "+".join(sorted(found)) or "none"
 
 
 # --- helpers --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 from .cache import atomic_write
 from .heads import RetrievalModel
 from .results import read_results, write_results
-from .train import FeatureSplit, RawSplit, TrainConfig, evaluate, train
+from .train import FeatureSplit, RawSplit, TrainConfig, check_disjoint, evaluate, train
 
 LIBRARY_DIR = Path(__file__).resolve().parent
 
@@ -36,15 +36,20 @@ def library_hash() -> str:
     return h.hexdigest()[:16]
 
 
+NOT_SUMMARIZED = ("n_queries", "ranks")  # a count and the per-query ranks (for vidret_lib.stats), not metrics
+
+
 def summarize(values: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Mean and std over seeds of ``{"t2v": {"R1": ..}, "v2t": {..}}`` dicts, flattened.
 
+    ``n_queries`` and the per-query ``ranks`` lists (``evaluate(..., with_ranks=True)``) are skipped.
+
     Example:
-        >>> s = summarize([{"t2v": {"R1": 10.0}}, {"t2v": {"R1": 20.0}}])
-        >>> s["t2v_R1"]
-        {'mean': 15.0, 'std': 5.0, 'n': 2}
+        >>> s = summarize([{"t2v": {"R1": 10.0, "ranks": [1.0, 3.0]}}, {"t2v": {"R1": 20.0, "ranks": [1.0, 1.0]}}])
+        >>> s
+        {'t2v_R1': {'mean': 15.0, 'std': 5.0, 'n': 2}}
     """
-    keys = [(d, m) for d, ms in values[0].items() for m in ms if m != "n_queries"]
+    keys = [(d, m) for d, ms in values[0].items() for m in ms if m not in NOT_SUMMARIZED]
     out = {}
     for d, m in keys:
         arr = np.array([v[d][m] for v in values], dtype=float)
@@ -183,12 +188,18 @@ def run_variant(
     ``encoder`` (optional) is passed to :func:`~vidret_lib.train.train`, so that seqTransf starts
     from the encoder's CLIP text layers when they fit (CLIP4Clip's init; random otherwise).
     The record's ``metrics`` hold ``runs`` (per seed: chosen epoch, loss history, test
-    metrics of the selected and the last weights per evaluation, and
-    ``analyses[name]["selected" | "last"]``) and ``summary``
-    (``summary[eval][which]["t2v_R1"] = {"mean", "std", "n"}``).
+    metrics of the selected and the last weights per evaluation -- with each query's rank,
+    ``test[eval][which]["t2v"]["ranks"]``, one per caption (t2v) or video (v2t) in the split's order,
+    for :mod:`vidret_lib.stats` -- and ``analyses[name]["selected" | "last"]``), ``summary``
+    (``summary[eval][which]["t2v_R1"] = {"mean", "std", "n"}``, without the ranks) and ``test_set``
+    (``n_test_queries``, ``n_test_videos`` scored and ``excluded_videos``, id -> reason, the videos the
+    split dropped, e.g. undecodable). ``vidret_lib.tables`` reads records as a table.
+    Raises ValueError (:func:`vidret_lib.train.check_disjoint`) if the train and test splits share
+    videos, unless ``config.allow_split_overlap``.
     """
     evals = evals or {"plain": {}}
     analyses = analyses or {}
+    check_disjoint(train_split, test_split, ("train", "test"), config.allow_split_overlap)
     seed_identity = {"data_key": data_key,
                      "evals": {e: {k: _argument_id(v) for k, v in sorted(kw.items())} for e, kw in sorted(evals.items())},
                      "init_encoder": None if encoder is None else encoder.cache_id,
@@ -198,7 +209,7 @@ def run_variant(
         result = train(dataclasses.replace(config, seed=seed), train_split, val_split, encoder=encoder)
         weights = {"selected": result.model, "last": result.model_at("last")}
         test = {
-            e: {which: evaluate(model, test_split, **kw) for which, model in weights.items()}
+            e: {which: evaluate(model, test_split, with_ranks=True, **kw) for which, model in weights.items()}
             for e, kw in evals.items()
         }
         history = [{"epoch": h["epoch"], "loss": h["loss"], "val": h["val"]} for h in result.history]
@@ -218,7 +229,9 @@ def run_variant(
             e: {which: summarize([r["test"][e][which] for r in runs]) for which in ("selected", "last")}
             for e in evals
         }
-        return {"runs": runs, "summary": summary}
+        test_set = {"n_test_queries": test_split.num_texts, "n_test_videos": test_split.num_videos,
+                    "excluded_videos": dict(getattr(test_split, "excluded", None) or {})}
+        return {"runs": runs, "summary": summary, "test_set": test_set}
 
     identity = {"seeds": list(seeds), **seed_identity}
     protocol = {"select": config.select, "false_negatives": config.false_negatives, **(protocol or {})}
@@ -238,10 +251,28 @@ def fmt(stat: dict[str, float]) -> str:
 
 def table(records: list[dict[str, Any]], metrics=("t2v_R1", "t2v_R5", "v2t_R1"), evaluation: str = "plain",
           which: str = "selected") -> str:
-    """A Markdown table of ``records`` (rows) by ``metrics`` (mean ± std over seeds)."""
-    head = "| variant | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics)
-    rows = [
-        f"| {r['name']} | " + " | ".join(fmt(r["metrics"]["summary"][evaluation][which][m]) for m in metrics) + " |"
-        for r in records
-    ]
+    """A Markdown table of ``records`` (rows) by ``metrics`` (mean ± std over seeds), with the test
+    queries and videos each was scored on (and how many videos the split excluded).
+
+    Raises ValueError for a record without ``metrics.test_set`` (written before the counts were
+    recorded): re-run its notebook.
+
+    Example:
+        >>> rec = {"name": "meanP", "metrics": {"summary": {"plain": {"selected": {"t2v_R1": {"mean": 12.0, "std": 1.0, "n": 3}}}},
+        ...        "test_set": {"n_test_queries": 200, "n_test_videos": 200, "excluded_videos": {"v9": "decode error"}}}}
+        >>> print(table([rec], ["t2v_R1"]))
+        | variant | t2v_R1 | queries | videos |
+        |---|---|---|---|
+        | meanP | 12.0 ± 1.0 | 200 | 200 (1 excluded) |
+    """
+    head = "| variant | " + " | ".join(metrics) + " | queries | videos |\n|---|" + "---|" * (len(metrics) + 2)
+    rows = []
+    for r in records:
+        if "test_set" not in r["metrics"]:
+            raise ValueError(f"record {r['name']!r} has no metrics.test_set (query and video counts): it was written "
+                             "before they were recorded; re-run its notebook")
+        ts = r["metrics"]["test_set"]
+        excluded = f" ({len(ts['excluded_videos'])} excluded)" if ts["excluded_videos"] else ""
+        cells = [fmt(r["metrics"]["summary"][evaluation][which][m]) for m in metrics]
+        rows.append(f"| {r['name']} | " + " | ".join(cells) + f" | {ts['n_test_queries']} | {ts['n_test_videos']}{excluded} |")
     return "\n".join([head, *rows])

@@ -6,7 +6,8 @@ Layout under ``<cache_dir>/features/``:
 
 * ``<cache_key("video-features", frames=<frame cache key>, encoder=<encoder.cache_id>)>/``
   holds one ``.npz`` per chunk of ``chunk_size`` videos, named by a hash of the chunk's
-  video ids and of those among them that the frame cache could not decode: ``feats``
+  video ids, of those among them that the frame cache could not decode and of their video
+  files' content stamps (``FrameCache.content``: a replaced video changes its chunk's name): ``feats``
   float32 (n, T, D) (zeros where the frame mask is False), ``mask`` bool (n, T),
   ``video_ids``.
 * ``<cache_key("text-features", encoder=..., sentences=<sha256 of the list>, chunk_size=...)>/``
@@ -50,8 +51,10 @@ def video_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame features of ``video_ids``: (feats float32 (V, T, D), mask bool (V, T)).
 
-    ``frame_cache`` provides ``.key`` and ``.load(video_id) -> (frames uint8 (T, S, S, 3),
-    mask bool (T,))``; only masked-in frames are encoded, ``batch_size`` frames at a time
+    ``frame_cache`` provides ``.key``, ``.failed`` and ``.content`` (dicts keyed by video id;
+    ``content`` names each video file's version) and ``.load(video_id) -> (frames uint8
+    (T, S, S, 3), mask bool (T,))``: a chunk of videos is recomputed when one of them is
+    replaced or its decoding failure is fixed; only masked-in frames are encoded, ``batch_size`` frames at a time
     (default ``VIDEO_BATCH`` for the encoder's device) across video boundaries; masked-out
     frames get zero features.
 
@@ -60,7 +63,7 @@ def video_features(
         >>> class Enc:  # a stand-in: feature = mean pixel value, D = 1
         ...     cache_id, device = "mean-pixel", "cpu"
         ...     def encode_image(self, x): return torch.tensor(x.mean(axis=(1, 2, 3)))[:, None]
-        >>> frames = types.SimpleNamespace(key="k", failed={}, load=lambda v: (
+        >>> frames = types.SimpleNamespace(key="k", failed={}, content={"3": "a", "7": "b"}, load=lambda v: (
         ...     np.full((2, 4, 4, 3), int(v), np.uint8), np.array([True, v == "7"])))
         >>> feats, mask = video_features(Enc(), frames, ["3", "7"], tempfile.mkdtemp())
         >>> feats[..., 0].tolist(), mask.tolist()
@@ -74,9 +77,10 @@ def video_features(
     folder = _features_dir(cache_dir, "video-features", frames=frame_cache.key,
                            encoder=encoder.cache_id)
     chunks = [video_ids[i:i + chunk_size] for i in range(0, len(video_ids), chunk_size)]
-    # a chunk is named by its videos and which of them failed to decode: the frame cache
-    # retries failed videos, and a later success must not reuse the chunk's zero features
-    paths = [folder / f"{_chunk_name(ids, frame_cache.failed)}.npz" for ids in chunks]
+    # a chunk is named by its videos, which of them failed to decode and each video file's
+    # content stamp: the frame cache retries failed videos and re-decodes replaced ones, and
+    # neither may reuse the chunk's old features
+    paths = [folder / f"{_chunk_name(ids, frame_cache)}.npz" for ids in chunks]
     todo = sum(len(ids) for ids, path in zip(chunks, paths) if not path.exists())
     feats, masks = [], []
     with progress(total=todo, desc="video features", unit="video") as bar:
@@ -176,8 +180,9 @@ def _batches(groups: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
         yield np.concatenate(pending)
 
 
-def _chunk_name(ids: list[str], failed: dict[str, str]) -> str:
-    return cache_key("videos", ids=ids, failed=[v for v in ids if v in failed])
+def _chunk_name(ids: list[str], frame_cache) -> str:
+    return cache_key("videos", ids=ids, failed=[v for v in ids if v in frame_cache.failed],
+                     content=[frame_cache.content[v] for v in ids])
 
 
 def _for_device(table: dict[str, int], device: str | torch.device) -> int:

@@ -1,4 +1,4 @@
-"""CLIP4Clip's frame sampling, decoded with decord.
+"""CLIP4Clip's frame sampling, decoded with decord where it is exact and PyAV elsewhere.
 
 CLIP4Clip (ArrowLuo/CLIP4Clip ``dataloaders/rawvideo_util.py``, ``RawVideoExtractorCV2``) reads
 a video with OpenCV like this:
@@ -16,40 +16,67 @@ a video with OpenCV like this:
 - each frame gets Resize(shorter side = 224, bicubic) and CenterCrop(224) on a PIL image, then
   CLIP's normalisation (left to the encoder here).
 
-This module picks the same source frames with decord (frame count = ``len(reader)``, frame rate
-= ``int(reader.get_avg_fps())``), which decodes each frame once instead of seeking back to a
-key frame for every second (see ``benchmarks/bench_frames.py``). Decoded pixels equal OpenCV's
-on the MSR-VTT clips (both use FFmpeg's H.264 decoder).
+Two decoders pick the same source frames (frame ``i`` = the ``i``-th frame in presentation order):
 
-decord counts the frames by indexing every packet (``len(reader)``); OpenCV reads the
-container's ``nb_frames``. They agree on mp4 files; on containers without ``nb_frames`` (webm,
-mkv) OpenCV estimates ``duration * fps`` and the last second may differ.
+- **decord** (fast path): MP4/MOV files (ISO BMFF) holding H.264 without a display rotation. Their
+  sample table gives every frame's timestamp, so decord's seek is exact; it decodes each frame
+  once instead of seeking back to a key frame for every second (``benchmarks/bench_frames.py``),
+  and its pixels equal OpenCV's on the MSR-VTT clips (both use FFmpeg's H.264 decoder). Its
+  frame count (``len(reader)``) must equal the container's (``nb_frames``), else PyAV is used.
+- **PyAV** (``av``, a current FFmpeg) decodes every frame in order and keeps the chosen ones:
+  frame-accurate by construction. It handles what decord 0.6 (FFmpeg 4.1 inside) gets wrong or
+  cannot open: MPEG-PS (``.mpg``/``.mpeg``/``.vob``) and MPEG-TS (``.ts``), where decord's seek
+  silently returns other frames; AV1; animated GIF; WebM without a duration; rotated video.
+  Its frame count is the number of decoded frames (OpenCV estimates ``duration * fps`` on
+  containers without ``nb_frames``, which can differ by a few frames).
+
+Each returned frame comes with its presentation time (``SampledClip.times``) and the decoder
+that produced it (``SampledClip.decoder``), stored by the frame cache.
+
+**Rotation.** A video whose display matrix says "rotate by 90/180/270 degrees" (phone videos)
+is returned upright, as players show it and as CLIP4Clip's OpenCV reads it (OpenCV >= 4.5
+applies the rotation by default, ``CAP_PROP_ORIENTATION_AUTO``); captions describe the upright
+video.
+
+**Resolution guard.** Videos above ``MAX_PIXELS`` (4K UHD, 3840 x 2160) are refused with
+:class:`VideoDecodeError` naming the file, its size and the ffmpeg command that downscales it,
+before anything is decoded: CLIP sees 224 px, an 8K video gains nothing and took 2.9 GB for 12
+frames with decord. Refusing is explicit; decoding at reduced size would change the pixels
+(another resize path) without saying so.
 
 On healthy files the loop stops at the end of the video (indices ``>= frame_count`` are
 unreadable). A damaged file (missing, empty, truncated, corrupt, not a video, or with a chosen
 frame FFmpeg cannot decode) raises :class:`VideoDecodeError` naming the file and the reason,
 where OpenCV might return a prefix of frames or, for an image renamed ``.mp4``, a nonsense
-frame count; callers mask such videos (see :mod:`vidret_lib.frame_cache`).
+frame count; a file whose codec FFmpeg cannot decode says "unsupported codec/container" and how
+to transcode it. Callers mask such videos (see :mod:`vidret_lib.frame_cache`).
 """
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
+import av
 import decord
 import numpy as np
 from PIL import Image
 
 # Bump when the choice of frames or their pixels change, so cached frames are recomputed.
-SAMPLER_VERSION = 1
+SAMPLER_VERSION = 2  # 2: PyAV for non-MP4 containers, upright rotated videos, resolution guard
+MAX_PIXELS = 3840 * 2160  # 4K UHD; see "Resolution guard" in the module docstring
+DECORD_FORMAT = "mov,mp4,m4a,3gp,3g2,mj2"  # FFmpeg's name for ISO BMFF (MP4, MOV)
+DECORD_CODECS = ("h264",)
+DECODERS = {"decord": f"decord-{decord.__version__}", "pyav": f"pyav-{av.__version__}"}
+TRANSCODE = "transcode with `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`"
 
 decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own messages; errors are raised below
 
 
 class VideoDecodeError(Exception):
-    """A video that cannot be sampled: missing, empty, truncated, corrupt, not a video, or too slow a frame rate.
+    """A video that cannot be sampled: missing, empty, truncated, corrupt, not a video, too slow a
+    frame rate, too large, or in a codec/container FFmpeg cannot decode.
 
     Example:
         >>> err = VideoDecodeError("videos/v1.mp4", "file does not exist")
@@ -62,6 +89,9 @@ class VideoDecodeError(Exception):
         self.reason = reason
         super().__init__(f"cannot decode {self.path}: {reason}")
 
+    def __reduce__(self):  # picklable (the frame cache's worker processes send it back)
+        return type(self), (self.path, self.reason)
+
 
 class SampledClip(NamedTuple):
     """Frames of one video, padded to ``max_frames``, with their source frame indices."""
@@ -69,6 +99,16 @@ class SampledClip(NamedTuple):
     frames: np.ndarray  # (max_frames, size, size, 3) uint8, zero where mask is False
     mask: np.ndarray  # (max_frames,) bool, True for real frames (a prefix)
     indices: np.ndarray  # (n,) int64 source frame indices, n = mask.sum()
+    times: np.ndarray  # (n,) float64 presentation time (s) of each frame as its decoder reports it; NaN if unstamped
+    decoder: str  # "decord-<version>" or "pyav-<version>" (see DECODERS)
+
+
+class _Probe(NamedTuple):
+    format: str  # FFmpeg's container name
+    codec: str  # FFmpeg's codec name
+    frames: int  # nb_frames from the container, 0 when unknown
+    fps: float  # average frame rate
+    rotation: int  # display rotation in degrees (counter-clockwise), 0 when upright
 
 
 def clip4clip_frame_indices(path: str | os.PathLike, max_frames: int = 12, sample_fps: int = 1) -> list[int]:
@@ -77,8 +117,7 @@ def clip4clip_frame_indices(path: str | os.PathLike, max_frames: int = 12, sampl
     The list is shorter than ``max_frames`` for a clip shorter than ``max_frames`` seconds.
     Raises :class:`VideoDecodeError` naming the file when it cannot be decoded.
     """
-    indices, _ = _decode_clip4clip(Path(path), max_frames, sample_fps)
-    return indices
+    return _sample(Path(path), max_frames, sample_fps, None)[0]
 
 
 def sample_frames(
@@ -95,14 +134,13 @@ def sample_frames(
 
 
 def sample_clip(path: str | os.PathLike, max_frames: int = 12, sample_fps: int = 1, size: int = 224) -> SampledClip:
-    """:func:`sample_frames` plus the source frame indices (what the frame cache stores)."""
-    indices, raw = _decode_clip4clip(Path(path), max_frames, sample_fps)
+    """:func:`sample_frames` plus the source frame indices, their times and the decoder (what the frame cache stores)."""
+    indices, times, kept, decoder = _sample(Path(path), max_frames, sample_fps, lambda rgb: resize_center_crop(rgb, size))
     frames = np.zeros((max_frames, size, size, 3), dtype=np.uint8)
     mask = np.zeros(max_frames, dtype=bool)
-    for t, frame in enumerate(raw):
-        frames[t] = resize_center_crop(frame, size)
-    mask[: len(raw)] = True
-    return SampledClip(frames, mask, np.asarray(indices, dtype=np.int64))
+    frames[: len(kept)] = kept
+    mask[: len(kept)] = True
+    return SampledClip(frames, mask, np.asarray(indices, np.int64), np.asarray(times, np.float64), decoder)
 
 
 def resize_center_crop(frame: np.ndarray, size: int) -> np.ndarray:
@@ -125,64 +163,168 @@ def resize_center_crop(frame: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
-def _decode_clip4clip(path: Path, max_frames: int, sample_fps: int) -> tuple[list[int], np.ndarray]:
-    """Chosen source indices and their decoded RGB frames ``(n, H, W, 3)``.
-
-    Every index below the frame count of a healthy file is readable, so the ``n`` frames
-    CLIP4Clip reads are known before decoding and only the kept ones are converted to RGB.
-    """
-    if max_frames < 1 or sample_fps < 1:
-        raise ValueError(f"max_frames ({max_frames}) and sample_fps ({sample_fps}) must be >= 1")
-    reader = _open(path)
-    frame_count = len(reader)
-    fps = int(reader.get_avg_fps())  # CLIP4Clip: int(cap.get(CAP_PROP_FPS)), 29.97 -> 29
+def _offsets(path: Path, fps: int, sample_fps: int) -> list[int]:
+    """Frames read within each second: ``range(0, fps, fps // sample_fps)[:sample_fps]`` (CLIP4Clip)."""
     if fps < 1:
-        raise VideoDecodeError(path, f"frame rate {reader.get_avg_fps():.3f} fps is below 1 fps")
+        raise VideoDecodeError(path, f"frame rate {fps} fps is below 1 fps")
     offsets = list(range(0, fps, max(fps // sample_fps, 1)))[:sample_fps]
     if len(offsets) < sample_fps:
         raise VideoDecodeError(path, f"frame rate {fps} fps is below sample_fps={sample_fps}")
+    return offsets
+
+
+def _candidates(path: Path, frame_count: int, fps: int, sample_fps: int) -> list[int]:
+    """CLIP4Clip's frames before ``linspace``: ``sec * fps + offset`` for seconds ``0..duration``."""
+    offsets = _offsets(path, fps, sample_fps)
     duration = (frame_count + fps - 1) // fps  # ceil(frame_count / fps) seconds
     # seconds 0..duration inclusive, as CLIP4Clip; indices >= frame_count are unreadable
-    candidates = [s * fps + o for s in range(duration + 1) for o in offsets if s * fps + o < frame_count]
-    n = len(candidates)
-    keep = np.linspace(0, n - 1, num=max_frames, dtype=int) if n > max_frames else np.arange(n)
-    indices = [candidates[i] for i in keep]  # --slice_framepos 2
-    return indices, _decode(path, reader, indices)
+    return [s * fps + o for s in range(duration + 1) for o in offsets if s * fps + o < frame_count]
 
 
-def _decode(path: Path, reader: decord.VideoReader, indices: list[int]) -> np.ndarray:
-    """Decode ``indices`` (increasing) as ``(n, H, W, 3)`` uint8 RGB.
-
-    decord decodes forward and seeks only when the next index lies past a later key frame.
-    A frame FFmpeg cannot decode means the file is damaged: decord reports such errors from its
-    decoder thread, a frame or two late, so "the first unreadable frame" of a damaged file is
-    not well defined; the whole file is rejected instead.
-    """
-    try:
-        return reader.get_batch(indices).asnumpy()
-    except decord.DECORDError as err:
-        raise VideoDecodeError(path, f"a frame cannot be decoded ({_short(err)}): the file is corrupt") from None
+def _keep(n: int, max_frames: int) -> np.ndarray:
+    """Positions kept among ``n`` candidates: ``linspace(0, n-1, max_frames)`` (--slice_framepos 2)."""
+    return np.linspace(0, n - 1, num=max_frames, dtype=int) if n > max_frames else np.arange(n)
 
 
-def _open(path: Path) -> decord.VideoReader:
+def _sample(
+    path: Path, max_frames: int, sample_fps: int, convert: Callable[[np.ndarray], np.ndarray] | None
+) -> tuple[list[int], list[float], list[np.ndarray], str]:
+    """Chosen indices, their times, ``convert(rgb (H, W, 3) uint8)`` of each (none if ``convert``
+    is None) and the decoder's name."""
+    if max_frames < 1 or sample_fps < 1:
+        raise ValueError(f"max_frames ({max_frames}) and sample_fps ({sample_fps}) must be >= 1")
+    probe = _probe(path)
+    if probe.format == DECORD_FORMAT and probe.codec in DECORD_CODECS and probe.rotation == 0:
+        reader = _open_decord(path, probe)
+        if reader is not None:
+            return _sample_decord(path, reader, max_frames, sample_fps, convert)
+    return _sample_pyav(path, probe, max_frames, sample_fps, convert)
+
+
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise VideoDecodeError(path, "file does not exist")
     if not path.is_file():
         raise VideoDecodeError(path, "is not a file")
     if path.stat().st_size == 0:
         raise VideoDecodeError(path, "file is empty (0 bytes)")
+
+
+def _probe(path: Path) -> _Probe:
+    """Container, codec, size and rotation (from the first frame), read with PyAV.
+
+    Raises :class:`VideoDecodeError`: not a file FFmpeg can open (corrupt), a still image,
+    no video stream, a codec FFmpeg cannot decode (unsupported), or above ``MAX_PIXELS``.
+    """
+    _check_file(path)
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as err:
+        raise VideoDecodeError(
+            path, f"FFmpeg cannot open it ({_short(err)}): truncated, corrupt or not a video; re-download or remove it"
+        ) from None
+    with container:
+        name = container.format.name
+        if name == "image2" or name.endswith("_pipe"):
+            raise VideoDecodeError(path, f"is a still image ({name}), not a video; remove it")
+        if not container.streams.video:
+            raise VideoDecodeError(path, f"has no video stream ({name} container); remove it")
+        stream = container.streams.video[0]
+        codec = stream.codec_context
+        if codec is None or codec.name in (None, "", "none"):
+            raise VideoDecodeError(path, f"unsupported codec/container (no FFmpeg decoder, {name}): {TRANSCODE}")
+        width, height = codec.width, codec.height
+        if width * height > MAX_PIXELS:
+            raise VideoDecodeError(
+                path,
+                f"is {width}x{height} ({width * height / 1e6:.1f} Mpixel), above the {MAX_PIXELS / 1e6:.1f} Mpixel "
+                "limit (4K UHD) that keeps decoding within memory; CLIP sees 224 px, so downscale it: "
+                "`ffmpeg -i IN -vf scale=-2:720 -c:v libx264 -pix_fmt yuv420p OUT.mp4`",
+            )
+        rate = stream.average_rate or stream.guessed_rate or 0
+        codec.thread_count = 1  # FFmpeg's thread pool costs more than the one frame decoded here
+        first = _first_frame(path, container, stream)
+        return _Probe(name, codec.name, stream.frames or 0, float(rate), int(first.rotation) % 360)
+
+
+def _first_frame(path: Path, container, stream) -> av.VideoFrame:
+    codec = stream.codec_context.name
+    try:
+        return next(container.decode(stream))
+    except StopIteration:
+        raise VideoDecodeError(path, "has no decodable frame: truncated or corrupt; re-download or remove it") from None
+    except av.error.DecoderNotFoundError:
+        raise VideoDecodeError(path, f"unsupported codec/container ({codec}): {TRANSCODE}") from None
+    except av.error.FFmpegError as err:
+        raise VideoDecodeError(path, f"the first frame cannot be decoded ({_short(err)}): the file is corrupt") from None
+
+
+def _open_decord(path: Path, probe: _Probe) -> decord.VideoReader | None:
+    """decord's reader, or None where decord cannot open the file or its frame count disagrees
+    with the container's (PyAV decodes it then: a decord limit, not corruption)."""
     try:
         # one decoding thread: faster than FFmpeg's automatic threading on 320x240 clips here
-        return decord.VideoReader(str(path), num_threads=1)
-    except (decord.DECORDError, RuntimeError) as err:
-        detail = _short(err)  # "Error reading <path>..." says nothing more
-        detail = "" if str(path) in detail else f" ({detail})"
-        raise VideoDecodeError(
-            path, f"decord cannot open it{detail}: truncated, corrupt or not a video; re-download or remove it"
-        ) from None
+        reader = decord.VideoReader(str(path), num_threads=1)
+    except (decord.DECORDError, RuntimeError):
+        return None
+    return reader if len(reader) == probe.frames else None
+
+
+def _sample_decord(path, reader, max_frames, sample_fps, convert):
+    """decord decodes forward and seeks only when the next index lies past a later key frame.
+
+    A frame FFmpeg cannot decode means the file is damaged: decord reports such errors from its
+    decoder thread, a frame or two late, so "the first unreadable frame" of a damaged file is
+    not well defined; the whole file is rejected instead.
+    """
+    fps = int(reader.get_avg_fps())  # CLIP4Clip: int(cap.get(CAP_PROP_FPS)), 29.97 -> 29
+    candidates = _candidates(path, len(reader), fps, sample_fps)
+    indices = [candidates[i] for i in _keep(len(candidates), max_frames)]
+    times = reader.get_frame_timestamp(indices)[:, 0].astype(np.float64).tolist()
+    if convert is None:
+        return indices, times, [], DECODERS["decord"]
+    try:
+        rgb = reader.get_batch(indices).asnumpy()
+    except decord.DECORDError as err:
+        raise VideoDecodeError(path, f"a frame cannot be decoded ({_short(err)}): the file is corrupt") from None
+    return indices, times, [convert(frame) for frame in rgb], DECODERS["decord"]
+
+
+def _sample_pyav(path, probe, max_frames, sample_fps, convert):
+    """Decode every frame in order (frame ``i`` is the ``i``-th decoded frame), keep the candidates.
+
+    The frame count is only known at the end, so every candidate is converted and kept (at
+    ``size`` px, ~150 KB each at 224 px) and ``linspace`` picks among them afterwards.
+    """
+    fps = int(probe.fps)
+    offsets = set(_offsets(path, fps, sample_fps))
+    kept: list[tuple[int, float, np.ndarray | None]] = []
+    count = 0
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1  # parallelism comes from the frame cache's processes
+            for frame in container.decode(stream):
+                if count % fps in offsets:  # frame sec * fps + offset
+                    rgb = None if convert is None else convert(_upright(frame))
+                    kept.append((count, np.nan if frame.time is None else float(frame.time), rgb))
+                count += 1
+    except av.error.FFmpegError as err:
+        raise VideoDecodeError(path, f"a frame cannot be decoded ({_short(err)}): the file is corrupt") from None
+    if probe.frames and count < probe.frames:
+        raise VideoDecodeError(path, f"only {count} of its {probe.frames} frames decode: truncated or corrupt")
+    chosen = [kept[i] for i in _keep(len(kept), max_frames)]
+    frames = [] if convert is None else [rgb for _, _, rgb in chosen]
+    return [i for i, _, _ in chosen], [t for _, t, _ in chosen], frames, DECODERS["pyav"]
+
+
+def _upright(frame: av.VideoFrame) -> np.ndarray:
+    """RGB (H, W, 3) uint8 of ``frame`` turned as its display matrix says (counter-clockwise degrees)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    return np.ascontiguousarray(np.rot90(rgb, k=(frame.rotation // 90) % 4)) if frame.rotation else rgb
 
 
 def _short(err: Exception) -> str:
-    """decord's message without timestamps and source locations."""
+    """decord's or FFmpeg's message without timestamps and source locations."""
     line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return re.sub(r"\[[^\]]*\]\s*|\S+\.(cc|h):\d+:\s*", "", line).strip() or type(err).__name__

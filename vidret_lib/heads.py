@@ -9,6 +9,11 @@ The pipeline of :class:`RetrievalModel` (shapes: N captions, V videos, T frames,
     [EMCL]  Y = EMCL([masked_mean(frames); t]) (un-normalised, EMCL-Net), split, normalise
     similarity = cos(t, video embedding)                                     (N, V)
 
+Every L2 normalisation is :func:`vidret_lib.losses.safe_normalize`: equal to ``F.normalize``
+on non-zero vectors, and a zero vector (a video that failed to decode, a fully masked
+pooling, a missing title) stays zero and passes no gradient, instead of ``F.normalize``'s
+backward gain of ``1 / eps = 1e12``, which sent MBVR training to NaN (issue 10 item 2).
+
 The adapters are ``nn.Linear(D, D)`` initialised to the identity: in frozen-feature mode
 they are the trainable stand-in for the CLIP weights that the papers train at lr 1e-7
 (with the default offline encoder the joint-space projections are untrained, so the
@@ -21,6 +26,7 @@ ones (:func:`clip_text_init`), else randomly initialised as CLIP4Clip's ``init_w
 from __future__ import annotations
 
 import copy
+import functools
 from typing import NamedTuple
 
 import torch
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .emcl import EMCL
+from .losses import safe_normalize
 
 Tensor = torch.Tensor
 
@@ -49,6 +56,7 @@ __all__ = [
 HEADS = ("meanP", "seqTransf")
 MODALITIES = ("fused", "vision", "title")
 MASK_BIAS = -1e6  # CLIP4Clip's additive attention mask for padded frames
+SEQ_LAYERNORM_EPS = 1e-12  # CLIP4Clip modules/module_cross.py LayerNorm (TF style)
 
 
 def identity_adapter(dim: int) -> nn.Linear:
@@ -81,13 +89,14 @@ def masked_mean(frames: Tensor, mask: Tensor) -> Tensor:
 def mean_pool(frames: Tensor, mask: Tensor) -> Tensor:
     """CLIP4Clip's meanP: L2-normalise each frame, masked mean, L2-normalise -> (V, D).
 
-    ``F.normalize`` keeps zero (padded) frames at zero instead of NaN.
+    Padded frames and a video with no valid frame stay zero (:func:`safe_normalize`), with no
+    gradient.
 
     Example:
         >>> mean_pool(torch.tensor([[[2.0, 0.0], [0.0, 5.0]]]), torch.ones(1, 2, dtype=torch.bool))
         tensor([[0.7071, 0.7071]])
     """
-    return F.normalize(masked_mean(F.normalize(frames, dim=-1), mask), dim=-1)
+    return safe_normalize(masked_mean(safe_normalize(frames), mask))
 
 
 class MeanP(nn.Module):
@@ -140,18 +149,28 @@ class SeqTransf(nn.Module):
 
     def __init__(self, dim: int, layers: int = 4, max_positions: int = 77, init: SeqInit | None = None) -> None:
         super().__init__()
+        # imported here: open_clip loads slowly
+        from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock
+
         self.frame_position_embeddings = nn.Embedding(max_positions, dim)
         if init is None:
-            from open_clip.transformer import ResidualAttentionBlock  # imported here: open_clip loads slowly
-
             heads = max(1, dim // 64)
             if dim % heads:
                 raise ValueError(f"seqTransf needs a width divisible by its {heads} heads; got D={dim}")
-            self.blocks = nn.ModuleList(ResidualAttentionBlock(dim, heads, batch_first=True) for _ in range(layers))
+            # CLIP4Clip modules/module_cross.py: QuickGELU and a TF-style LayerNorm with eps 1e-12
+            norm = functools.partial(LayerNorm, eps=SEQ_LAYERNORM_EPS)
+            self.blocks = nn.ModuleList(
+                ResidualAttentionBlock(dim, heads, act_layer=QuickGELU, norm_layer=norm, batch_first=True)
+                for _ in range(layers)
+            )
             self.apply(_clip4clip_init)
             self.init_source = "random (normal 0.02, CLIP4Clip init_weights)"
         else:
+            # module_cross.py's blocks with CLIP's text weights: the activation comes with the encoder
+            # (QuickGELU for OpenAI weights, see vidret_lib.encoders), the LayerNorm eps is module_cross's
             self.blocks = nn.ModuleList(copy.deepcopy(b) for b in init.blocks[:layers])
+            for norm_layer in (m for m in self.blocks.modules() if isinstance(m, nn.LayerNorm)):
+                norm_layer.eps = SEQ_LAYERNORM_EPS
             nn.init.normal_(self.frame_position_embeddings.weight, std=0.02)
             if init.positional_embedding is not None:
                 n = min(max_positions, init.positional_embedding.shape[0])
@@ -200,7 +219,7 @@ class TitleFusion(nn.Module):
         nn.init.zeros_(self.mix.bias)
 
     def forward(self, vision: Tensor, title: Tensor) -> Tensor:
-        return F.normalize(vision + title + self.mix(torch.cat([vision, title], dim=-1)), dim=-1)
+        return safe_normalize(vision + title + self.mix(torch.cat([vision, title], dim=-1)))
 
 
 def r_vt(vision: Tensor, title: Tensor, fused: Tensor) -> Tensor:
@@ -270,12 +289,12 @@ class RetrievalModel(nn.Module):
 
     def encode_title(self, title: Tensor, present: Tensor) -> Tensor:
         """Normalised title embeddings ``F_t`` (V, D), zero rows where no title exists."""
-        return F.normalize(self.title_adapter(title), dim=-1) * present.to(title.dtype)[:, None]
+        return safe_normalize(self.title_adapter(title)) * present.to(title.dtype)[:, None]
 
     def video_embedding(self, vision: Tensor, title: Tensor | None = None, modality: str = "fused") -> Tensor:
         """The normalised embedding a query is compared with: vision ``F_v``, title ``F_t`` or fused ``F_m``."""
         if not self.use_title or modality == "vision":
-            return F.normalize(vision, dim=-1)
+            return safe_normalize(vision)
         if modality == "title":
             return title
         if modality != "fused":
@@ -292,7 +311,7 @@ class RetrievalModel(nn.Module):
             y = self.emcl(torch.cat([vision, text], dim=0))  # (V + N, D): EMCL-Net's stacking
             vision, text = y[: len(vision)], y[len(vision):]
         video = self.video_embedding(vision, title, modality)
-        return F.normalize(text, dim=-1) @ F.normalize(video, dim=-1).T
+        return safe_normalize(text) @ safe_normalize(video).T
 
     def similarity(
         self,
@@ -324,6 +343,6 @@ class RetrievalModel(nn.Module):
 
     def modalities(self, video: Tensor, mask: Tensor, title: Tensor, title_present: Tensor) -> dict[str, Tensor]:
         """MBVR's three video embeddings, normalised (V, D) each: ``vision``, ``title``, ``fused``."""
-        vision = F.normalize(self.encode_video(video, mask), dim=-1)
+        vision = safe_normalize(self.encode_video(video, mask))
         ft = self.encode_title(title, title_present)
         return {"vision": vision, "title": ft, "fused": self.fusion(vision, ft)}

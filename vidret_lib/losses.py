@@ -20,12 +20,12 @@ from typing import Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 Tensor = torch.Tensor
 ArrayOrTensor = Union[np.ndarray, Tensor]
 
 __all__ = [
+    "safe_normalize",
     "infonce_loss",
     "vsepp_loss",
     "dual_softmax_loss",
@@ -55,6 +55,30 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0; got {value!r}")
+
+
+def safe_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
+    """L2-normalise ``x`` along ``dim``; a (near-)zero vector gives zero **with zero gradient**.
+
+    Bit for bit ``F.normalize(x, dim=dim, eps=eps)`` (the same ``x.norm`` and division)
+    wherever ``||x|| > eps``. Where ``||x|| <= eps`` (a failed-decode video, a fully masked
+    pooling, a missing title, an empty input) ``F.normalize`` returns ``x / eps`` and its
+    backward multiplies the incoming gradient by ``1 / eps = 1e12``: chained through a few
+    normalisations this overflows to inf and then NaN, or, clipped, swamps every other
+    gradient. Here such vectors give exactly 0 and pass no gradient, in every dtype (in
+    float16, ``F.normalize`` of a zero vector is NaN because ``eps`` underflows to 0).
+    Any shape; same dtype and device as ``x``.
+
+    Example:
+        >>> x = torch.tensor([[3.0, 4.0], [0.0, 0.0]], requires_grad=True)
+        >>> y = safe_normalize(x); y.sum().backward()
+        >>> y.tolist(), x.grad[1].tolist()
+        ([[0.6000000238418579, 0.800000011920929], [0.0, 0.0]], [0.0, 0.0])
+    """
+    norm = x.norm(2, dim, keepdim=True)  # as F.normalize: (..., 1, ...) L2 norm along dim
+    keep = norm > eps  # False on (near-)zero vectors
+    denom = torch.where(keep, norm, torch.ones_like(norm))  # 1 where dropped: no 1/eps gain, no 0/0
+    return x / denom * keep  # * 1 (exact) on kept rows, * 0 (value and gradient) on dropped ones
 
 
 def infonce_loss(sim: Tensor, logit_scale: Union[float, Tensor] = 100.0) -> Tensor:
@@ -222,9 +246,9 @@ def modality_shuffle_loss(
         margin = margin[:, None]  # (B,) -> (B, 1), one margin per query row
     elif margin.ndim != 0:
         raise ValueError(f"margin must be a scalar or a ({b},) tensor; got shape {tuple(margin.shape)}")
-    q = F.normalize(query, dim=-1)  # (B, D)
-    pos = F.normalize(fused_pos, dim=-1)  # (B, D)
-    neg = F.normalize(fused_shuffled, dim=-1)  # (B, M, D)
+    q = safe_normalize(query)  # (B, D); a zero row gives cosines 0 and no gradient
+    pos = safe_normalize(fused_pos)  # (B, D)
+    neg = safe_normalize(fused_shuffled)  # (B, M, D)
     s_pos = (q * pos).sum(dim=-1)  # (B,): s(q_b, m_b)
     s_neg = torch.einsum("bd,bmd->bm", q, neg)  # (B, M): s(q_b, m^_bk)
     logits = torch.cat([s_pos[:, None], s_neg + margin], dim=1) / temp  # (B, 1 + M)
@@ -243,6 +267,9 @@ def pearson_loss(pred_sim: Tensor, target: ArrayOrTensor, temp: float = 0.2) -> 
 
     Norms use ``torch.linalg.vector_norm``, whose gradient at a zero vector is 0, so
     all-equal predictions give a finite gradient (``sqrt(sum(x**2))`` would give NaN).
+    Half-precision input (float16, bfloat16) is computed in float32 and the loss cast back:
+    the backward of ``/ (... + 1e-5)`` squares the denominator, and ``1e-10`` underflows to 0
+    in float16 (a NaN gradient for all-equal predictions).
 
     Example:
         >>> pearson_loss(torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.0, 1.0, 2.0])).item()
@@ -255,11 +282,13 @@ def pearson_loss(pred_sim: Tensor, target: ArrayOrTensor, temp: float = 0.2) -> 
             f"and {tuple(target.shape)}"
         )
     _check_positive("temp", temp)
-    p = torch.softmax(pred_sim / temp, dim=0)  # (B,): softmax over the whole batch
+    work = torch.promote_types(pred_sim.dtype, torch.float32)  # float16/bfloat16 -> float32
+    p = torch.softmax(pred_sim.to(work) / temp, dim=0)  # (B,): softmax over the whole batch
     p_c = p - p.mean()  # (B,) centred prediction
-    y_c = target - target.mean()  # (B,) centred label
+    y = target.to(work)
+    y_c = y - y.mean()  # (B,) centred label
     denom = torch.linalg.vector_norm(p_c) * torch.linalg.vector_norm(y_c) + 1e-5
-    return -(p_c * y_c).sum() / denom
+    return (-(p_c * y_c).sum() / denom).to(pred_sim.dtype)
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:

@@ -96,6 +96,14 @@ class BertAdam(torch.optim.Optimizer):
 
     Group options (``lr``, ``weight_decay``, ...) override the defaults per group, as in
     ``prep_optimizer``. The clip modifies ``p.grad`` in place, as the original does.
+
+    Low-precision parameters (CLIP4Clip's fp16 CLIP weights, ``convert_weights``) are handled
+    as ``modules/optimization.py`` does: ``m`` and ``v`` are kept in the parameter's dtype and
+    every operation runs in it, ``lr_k * update`` included (rounded to that dtype before it is
+    subtracted); there is no float32 master copy. In fp16, a first ``v = (1 - b2) g^2``
+    underflows to 0 for ``|g| < 1.22e-3`` (then ``update = m / e``), and an update below half
+    an ulp of the weight leaves it unchanged: at lr 1e-7 most fp16 elements never move
+    (ArrowLuo/CLIP4Clip#96).
     """
 
     def __init__(
@@ -168,7 +176,10 @@ class BertAdam(torch.optim.Optimizer):
                 update = m / (v.sqrt() + group["e"])  # no bias correction
                 if group["weight_decay"] > 0.0:
                     update += group["weight_decay"] * p  # decoupled decay, scaled by lr_k below
-                p.add_(update, alpha=-self.scheduled_lr(group, state["step"]))
+                # lr_k * update is rounded to p's dtype before the subtraction, as CLIP4Clip's
+                # update_with_lr; a fused add_(update, alpha=-lr_k) rounds once and changes other
+                # fp16 elements at lr 1e-7
+                p.sub_(self.scheduled_lr(group, state["step"]) * update)
                 state["step"] += 1
         return loss
 

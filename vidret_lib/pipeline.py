@@ -8,6 +8,7 @@ only reads files.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +69,14 @@ def split_features(
     encoder,
     title_source: str = "title",
 ) -> FeatureSplit:
-    """Cached frame and caption features of one split, restricted to its present videos.
+    """Cached frame and caption features of one split, restricted to its present, decodable videos.
 
     ``title_source`` picks each video's text side for MBVR: its ``"title"`` (ShapeMotion;
-    None when missing) or its ``"category"`` name (MSR-VTT has no titles).
+    None when missing) or its ``"category"`` name (MSR-VTT has no titles). Videos the frame
+    cache could not decode (``FrameCache.failed``) and videos left with no valid frame are
+    dropped with their captions, named in a warning and listed in ``FeatureSplit.excluded``
+    (id -> reason): a zero video must not enter training or evaluation. ``video_ids`` gives the
+    kept videos in column order; per-video or per-caption metadata must be aligned through it.
     """
     if title_source not in TITLE_SOURCES:
         raise ValueError(f"unknown title_source {title_source!r}; choose one of {TITLE_SOURCES}")
@@ -84,10 +89,45 @@ def split_features(
     text = text_features(encoder, sp.sentences, config.cache_dir)
     titles = [dataset.videos[v].get(title_source) for v in sp.video_ids]
     present = np.array([bool(t) for t in titles])
+    if title_source == "category" and not present.any():
+        raise ValueError(
+            f"no video of split {sp.name!r} of {dataset.root} has a category: rebuild the dataset from a source "
+            "with category.txt (data_prep.msrvtt ships the official list) or use title_source='title'"
+        )
     title = text_features(encoder, [t or "" for t in titles], config.cache_dir)
     title = torch.where(torch.as_tensor(present)[:, None], title, torch.zeros_like(title))
-    return FeatureSplit(text, video, mask, sp.caption_video, title, present)
+    features = FeatureSplit(text, video, mask, sp.caption_video, title, present, video_ids=sp.video_ids)
+    failed = {v: frames.failed.get(v, "no valid frame") for v, ok in zip(sp.video_ids, mask.any(1).tolist())
+              if not ok or v in frames.failed}
+    if failed:
+        warnings.warn(
+            f"split {sp.name!r}: {len(failed)} of {len(sp.video_ids)} videos left out (no decodable frame), with "
+            f"their captions: " + "; ".join(f"{v}: {r}" for v, r in list(failed.items())[:10])
+            + (f"; ... and {len(failed) - 10} more" if len(failed) > 10 else "")
+            + ". FeatureSplit.excluded lists them all; fix or re-download the videos and run again",
+            stacklevel=2,
+        )
+        features = features.drop_videos(failed)
+    return features
 
+
+
+def feature_rows(dataset: Dataset, split: str, features: FeatureSplit) -> list[dict]:
+    """The stored caption records (:meth:`Dataset.caption_rows`) of ``features``' rows, in row order.
+
+    :func:`split_features` drops videos that cannot be decoded, so the dataset's split and the
+    features can differ; per-caption labels (ShapeMotion's ``facts``, ``needs_vision``, ...) must be
+    read through this, never by position in ``dataset.split(...)``. Raises ``ValueError`` if
+    ``features`` has no ``video_ids`` or its captions do not match the stored split.
+    """
+    if features.video_ids is None:
+        raise ValueError("features.video_ids is None: build the split with split_features()")
+    kept = set(features.video_ids)
+    rows = [r for r in dataset.caption_rows(split, present_only=True) if r["video_id"] in kept]
+    expected = [features.video_ids[v] for v in features.caption_video.tolist()]
+    if [r["video_id"] for r in rows] != expected:
+        raise ValueError(f"the caption rows of split {split!r} of {dataset.root} do not match the features' captions")
+    return rows
 
 
 def open_encoder(name: str = "default", pretrained: str = "", device: str = "cpu"):

@@ -1,7 +1,7 @@
 """Plot helpers: each takes a matplotlib ``ax``, draws from results records, and returns ``ax``.
 
-Figures are only ever drawn from results files (:func:`vidret_lib.results.read_results`),
-never from a notebook's memory.
+Figures are only ever drawn from results files (:func:`vidret_lib.results.read_results`,
+:mod:`vidret_lib.tables`), never from a notebook's memory.
 """
 from __future__ import annotations
 
@@ -11,14 +11,49 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def metric_bars(ax, records: Sequence[dict[str, Any]], metric: str = "t2v_R1", evaluation: str = "plain",
-                which: str = "selected", labels: Sequence[str] | None = None):
-    """Bars of ``metric`` (mean ± std over seeds) for each record."""
-    stats = [r["metrics"]["summary"][evaluation][which][metric] for r in records]
-    x = np.arange(len(records))
-    ax.bar(x, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], capsize=3, color="tab:blue")
-    ax.set_xticks(x, labels or [r["name"] for r in records], rotation=30, ha="right")
-    ax.set_ylabel(f"{metric} ({evaluation}, {which})")
+def metric_bars(ax, summary, key: str = "t2v_R1", evaluation: str = "plain", checkpoint: str = "selected"):
+    """Bars of one metric (mean ± std over seeds) for each variant of a :func:`vidret_lib.tables.summary_frame`.
+
+    ``summary``: the rows of one notebook (variants in the order given); ``key``: ``"<direction>_<metric>"``.
+    Raises ValueError when no row matches (names the key).
+    """
+    direction, metric = key.split("_", 1)
+    rows = summary[(summary.direction == direction) & (summary.metric == metric) & (summary.evaluation == evaluation)
+                   & (summary.checkpoint == checkpoint) & (summary.split == "test")]
+    if rows.empty:
+        raise ValueError(f"no summary rows for {key} ({evaluation}, {checkpoint}); present: "
+                         f"{sorted(set(summary.direction + '_' + summary.metric))}")
+    x = np.arange(len(rows))
+    ax.bar(x, rows["mean"], yerr=rows["std"], capsize=3, color="tab:blue")
+    ax.set_xticks(x, rows["variant"], rotation=30, ha="right")
+    ax.set_ylabel(f"{key} ({evaluation}, {checkpoint})")
+    return ax
+
+
+VERDICT_COLOURS = {"holds": "tab:green", "reversed": "tab:red", "no effect of the paper's size": "tab:blue",
+                   "inconclusive": "tab:gray"}
+
+
+def verdict_forest(ax, verdicts):
+    """One line per claim of a :func:`vidret_lib.stats.verdict_table` (or :func:`vidret_lib.tables.verdicts_frame`):
+    the estimate with its 95% CI (oriented so that right = the claim's direction), coloured by verdict, and the
+    paper's effect marked with a red ``|``; a dashed line at 0. Rows are drawn top to bottom in the frame's order;
+    use one ``ax`` per metric (units differ). Returns ``ax``.
+    """
+    y = np.arange(len(verdicts))[::-1]
+    for yi, row in zip(y, verdicts.itertuples(index=False)):
+        colour = VERDICT_COLOURS.get(row.verdict, "black")
+        ax.errorbar(row.estimate, yi, xerr=[[row.estimate - row.ci_low], [row.ci_high - row.estimate]], fmt="o",
+                    color=colour, capsize=3)
+    ax.scatter(verdicts["paper's effect"], y, marker="|", s=200, color="tab:red", label="paper's effect", zorder=3)
+    ax.axvline(0, color="grey", ls="--", lw=1)
+    labels = [f"{c}\n{v} ({n} items, {s} seeds)" for c, v, n, s in
+              zip(verdicts["comparison"], verdicts["verdict"], verdicts["n_items"], verdicts["seeds"])]
+    ax.set_yticks(y, labels, fontsize="small")
+    for outcome, colour in VERDICT_COLOURS.items():  # legend entries for the outcomes present
+        if (verdicts["verdict"] == outcome).any():
+            ax.plot([], [], "o", color=colour, label=outcome)
+    ax.legend(fontsize="x-small", loc="best")
     return ax
 
 

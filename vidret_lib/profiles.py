@@ -1,15 +1,32 @@
 """Parameter profiles for the notebooks: ``params/<profile>.yaml``.
 
-A profile file maps a notebook stem (``01_clip4clip``) to parameter overrides; the
-``common`` section applies to every notebook. The ``default`` profile is the notebooks'
-own parameters cells (its file is empty), ``smoke`` makes everything tiny for tests,
-``msrvtt-gpu`` is the papers' setting.
+A profile file is a YAML mapping of sections to parameter overrides:
 
-Parameter names are checked: papermill only warns about an unknown name, we raise.
+- a notebook stem (``01_clip4clip``): overrides for that notebook;
+- ``common``: overrides for every notebook that defines the parameter (``msrvtt_source`` is set
+  once for the whole profile); a ``common`` name that *no* notebook defines is an error;
+- ``x-<name>``: not a notebook, a holder of YAML anchors (``x-training: &training``) that notebook
+  sections merge (``<<: *training``), like docker-compose's extension fields.
+
+The ``default`` profile is the notebooks' own parameters cells (its file is empty), ``smoke``
+makes everything tiny for tests, ``msrvtt-gpu`` is the papers' setting.
+
+Every override is checked before any notebook runs (:func:`profile_overrides`): its name must be a
+parameter of the notebook (papermill only warns), and its YAML value must have the type the
+notebook's parameters cell annotates (``lr: float = 0.0005``; read with
+``papermill.inspect_notebook``). Supported annotations: ``str``, ``int``, ``float`` (an int is
+fine), ``bool``, ``list`` and ``list[<one of those>]`` (non-empty). PyYAML reads YAML 1.1, where
+``1e-4`` is a *string* (write ``1.0e-4``) and ``yes``/``no``/``on``/``off`` are booleans; such a
+value gets an error that names the profile file, section, parameter and notebook and says the fix.
+Every error here is a :class:`ProfileError` with a one-line message.
 """
 from __future__ import annotations
 
+import ast
+import difflib
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,48 +34,220 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_DIR = PROJECT_ROOT / "params"
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 SMOKE_ENV = "VIDRET_SMOKE"
+ANCHOR_PREFIX = "x-"  # sections that only hold YAML anchors
+_SCALAR_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+_LIST = re.compile(r"list(?:\[(?P<item>\w+)\])?")
+_EXPONENT = re.compile(r"(?P<mantissa>[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))[eE](?P<sign>[-+]?)(?P<exp>[0-9]+)")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be applied; the one-line message names the file, key and fix."""
 
 
 def profile_names() -> list[str]:
     return sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
 
 
+def notebook_paths() -> list[Path]:
+    """The numbered notebooks ``NOTEBOOKS_DIR/NN_*.ipynb``, in order."""
+    return sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def notebook_parameters(path: Path) -> dict[str, dict[str, Any]]:
+    """The parameters cell of notebook ``path``: name -> ``{"annotation": str, "default": value}``.
+
+    ``annotation`` is the annotation's source text (``"float"``, ``"list[int]"``; ``"None"`` when
+    unannotated, as ``papermill.inspect_notebook`` names it), ``default`` the literal in the cell.
+    Parsed with ``ast`` rather than papermill, whose import takes seconds in every notebook kernel
+    (``apply_smoke``); a test checks both agree. Raises :class:`ProfileError` unless the notebook
+    has one cell tagged ``parameters`` holding only ``name: type = literal`` assignments.
+    """
+    cells = [c for c in json.loads(path.read_text())["cells"]
+             if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ProfileError(f"{path}: {len(cells)} cells are tagged 'parameters'; tag exactly one")
+    params = {}
+    for node in ast.parse("".join(cells[0]["source"])).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            name, annotation = node.target.id, ast.unparse(node.annotation)
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name, annotation = node.targets[0].id, "None"
+        else:
+            raise ProfileError(f"{path}: the parameters cell may only hold `name: type = literal` lines, "
+                               f"not `{ast.unparse(node)}`")
+        try:
+            default = ast.literal_eval(node.value)
+        except ValueError:
+            raise ProfileError(f"{path}: parameter {name} = {ast.unparse(node.value)} is not a literal; "
+                               "derive it in the next cell") from None
+        params[name] = {"annotation": annotation, "default": default}
+    return params
+
+
+def read_profile(profile: str) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """The file of ``profile`` and its sections (``x-`` anchor holders dropped), structure checked.
+
+    Raises ``FileNotFoundError`` for an absent profile, :class:`ProfileError` for invalid YAML,
+    a top level or section that is not a mapping, or a non-text key.
+    """
+    path = PARAMS_DIR / f"{profile}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"no profile {profile!r} ({path} is absent); profiles: {profile_names()}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ProfileError(f"{path}: invalid YAML{where}: {problem}; fix the syntax there") from None
+    if data is None:
+        return path, {}
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: the top level must map sections (notebook names, 'common', "
+                           f"'{ANCHOR_PREFIX}...') to parameters, not a {type(data).__name__}")
+    sections = {}
+    for section, params in data.items():
+        if not isinstance(section, str):
+            raise ProfileError(f"{path}: section {section!r} is not a name; write it as text ('{section}')")
+        if section.startswith(ANCHOR_PREFIX):
+            continue
+        params = {} if params is None else params
+        if not isinstance(params, dict):
+            raise ProfileError(f"{path}: section {section!r} must map parameter names to values, "
+                               f"not a {type(params).__name__} ({params!r})")
+        bad = [k for k in params if not isinstance(k, str)]
+        if bad:
+            raise ProfileError(f"{path}: section {section!r} has key {bad[0]!r}, which is not a parameter name")
+        sections[section] = params
+    return path, sections
+
+
+def profile_overrides(
+    profile: str, notebooks: dict[str, dict[str, dict[str, Any]]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Every notebook's checked overrides from ``profile``: notebook stem -> {name: value}.
+
+    ``notebooks`` maps each notebook stem to :func:`notebook_parameters` (default: the notebooks
+    in ``NOTEBOOKS_DIR``). A notebook's overrides are the ``common`` values of the parameters it
+    defines, then its own section. Raises :class:`ProfileError` for an unknown section, a
+    ``common`` name no notebook defines, a section name the notebook does not define, or a value
+    whose type is not the annotated one (see the module docstring); ``FileNotFoundError`` for an
+    absent profile.
+    """
+    path, sections = read_profile(profile)
+    if notebooks is None:
+        notebooks = {p.stem: notebook_parameters(p) for p in notebook_paths()}
+    allowed = [*notebooks, "common"]
+    for section in sections:
+        if section not in allowed:
+            close = difflib.get_close_matches(section, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ProfileError(f"{path}: unknown section {section!r}: {hint}sections are the notebooks "
+                               f"{list(notebooks)}, 'common', or '{ANCHOR_PREFIX}<name>' for YAML anchors")
+    common = sections.get("common", {})
+    undefined = sorted(set(common) - {name for params in notebooks.values() for name in params})
+    if undefined:
+        raise ProfileError(f"{path}: common sets {undefined}, which no notebook defines; fix the name(s) "
+                           f"or remove them")
+    out = {}
+    for stem, declared in notebooks.items():
+        unknown = sorted(set(sections.get(stem, {})) - set(declared))
+        if unknown:
+            raise ProfileError(f"{path}: unknown parameter(s) {unknown} for notebook {stem}; "
+                               f"its parameters are {sorted(declared)}")
+        out[stem] = {}
+        for section in ("common", stem):
+            for name, value in sections.get(section, {}).items():
+                if name not in declared:  # a common name that this notebook does not define
+                    continue
+                annotation = declared[name]["annotation"]
+                problem = _type_problem(value, annotation)
+                if problem:
+                    raise ProfileError(f"{path}: {section}.{name} = {value!r} does not fit notebook {stem}'s "
+                                       f"`{name}: {annotation}`: {problem}")
+                out[stem][name] = value
+    return out
+
+
 def profile_params(profile: str, notebook: str) -> dict[str, Any]:
-    """The overrides that ``profile`` sets for ``notebook`` (common section first).
+    """The checked overrides that ``profile`` sets for ``notebook`` (see :func:`profile_overrides`).
 
     Example:
         >>> profile_params("default", "01_clip4clip")
         {}
     """
-    path = PARAMS_DIR / f"{profile}.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"no profile {profile!r} ({path} is absent); profiles: {profile_names()}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must map notebook names to parameter dicts")
-    return {**(data.get("common") or {}), **(data.get(notebook) or {})}
+    return profile_overrides(profile)[notebook]
 
 
-def check_names(params: dict[str, Any], known: set[str], where: str) -> None:
-    """Raise ``ValueError`` naming every parameter in ``params`` that ``known`` lacks."""
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {unknown} for {where}; its parameters are {sorted(known)}"
-        )
+def _type_problem(value: Any, annotation: str) -> str | None:
+    """Why YAML ``value`` does not fit ``annotation`` (with the fix), or None if it does."""
+    listed = _LIST.fullmatch(annotation)
+    if listed:
+        if not isinstance(value, list):
+            return f"it is a {_yaml_type(value)}, not a list; write [{_yaml_text(value)}]"
+        if not value:
+            return "the list is empty; give at least one value"
+        for i, item in enumerate(value):
+            problem = listed["item"] and _type_problem(item, listed["item"])
+            if problem:
+                return f"item {i}: {problem}"
+        return None
+    if annotation not in _SCALAR_TYPES:
+        return (f"profiles cannot check the annotation {annotation!r}; annotate the parameter in the "
+                f"notebook's parameters cell with one of {[*_SCALAR_TYPES, 'list', 'list[int]']}")
+    if isinstance(value, _SCALAR_TYPES[annotation]) and (annotation == "bool") == isinstance(value, bool):
+        return None
+    problem = f"YAML read a {_yaml_type(value)}, not {'a number' if annotation == 'float' else annotation}"
+    return f"{problem}; {_fix(value, annotation)}"
+
+
+def _fix(value: Any, annotation: str) -> str:
+    """The advice for a scalar ``value`` that YAML did not read as ``annotation``."""
+    if value is None:
+        return "a key with nothing after the colon is null: give it a value"
+    if isinstance(value, bool) and annotation == "str":
+        return "YAML 1.1 reads yes/no/on/off/true/false as booleans: quote the text ('no')"
+    if isinstance(value, str) and annotation in ("int", "float"):
+        exponent = _EXPONENT.fullmatch(value.strip())
+        if exponent and annotation == "float":  # PyYAML's float needs a dot in the mantissa and a sign in the exponent
+            mantissa = exponent["mantissa"] if "." in exponent["mantissa"] else exponent["mantissa"] + ".0"
+            mantissa = mantissa + "0" if mantissa.endswith(".") else mantissa
+            return (f"YAML 1.1 reads {value} as text: write {mantissa}e{exponent['sign'] or '+'}"
+                    f"{exponent['exp']}")
+        try:
+            number = float(value) if annotation == "float" else int(value)
+        except ValueError:
+            return f"write a number ({annotation})"
+        return f"remove the quotes: write {number}"
+    if isinstance(value, float) and annotation == "int" and value.is_integer():
+        return f"write {int(value)}"
+    if annotation == "str":
+        return f"quote it: '{value}'"
+    if annotation == "bool":
+        return "write true or false"
+    return f"write a value of type {annotation}"
+
+
+def _yaml_type(value: Any) -> str:
+    return {type(None): "null", bool: "boolean", int: "int", float: "float", str: "string",
+            list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
+
+
+def _yaml_text(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def apply_smoke(namespace: dict[str, Any], notebook: str) -> bool:
     """If ``VIDRET_SMOKE=1``, overwrite ``namespace`` with the smoke profile; return whether it did.
 
     Called in the cell after a notebook's parameters cell, so that nbval (which injects no
-    parameters) runs the notebook at smoke size. A smoke name the notebook does not define
-    is an error.
+    parameters) runs the notebook at smoke size. The smoke profile is checked as ``reproduce``
+    checks a profile (:func:`profile_overrides`: names and types); a :class:`ProfileError`
+    leaves ``namespace`` unchanged.
     """
     if os.environ.get(SMOKE_ENV, "0") != "1":
         return False
-    overrides = profile_params("smoke", notebook)
-    check_names(overrides, {k for k in namespace if not k.startswith("_")}, f"notebook {notebook}")
-    namespace.update(overrides)
+    namespace.update(profile_params("smoke", notebook))
     return True

@@ -1,8 +1,24 @@
 """Run every notebook headless with papermill: ``python -m vidret_lib.reproduce --profile default``.
 
-Executed notebooks go to ``executed/<profile>/`` (git-ignored). A notebook is skipped when
-its executed copy is up to date: same notebook source, same parameters, same library code
-(a stamp file records their hash). A failing notebook stops the run and names the cell.
+Executed notebooks go to ``executed/<profile>/`` (git-ignored). Every notebook's profile values
+are checked (names and types, :mod:`vidret_lib.profiles`) before any notebook runs. A notebook
+is skipped only when everything it depends on or produced is as its last run left it; a stamp
+file beside the executed copy records the sha256 of:
+
+- its source, its parameters and the library code (``vidret_lib``, ``data_prep``);
+- the executed notebook itself;
+- the results records it owns: the files in ``<results_dir>/<notebook stem>/`` (``results_dir``
+  is the notebook's parameter, relative to ``notebooks/``);
+- for a summary notebook (``SUMMARY_NOTEBOOKS``), the records of every other notebook it reads.
+
+So a record edited, deleted or overwritten (by hand, or by another profile writing to the same
+folder) makes its notebook run again; the notebook's ``load_or_run`` then recomputes exactly the
+records whose checksum no longer matches its ledger and reuses the rest, so a re-run takes seconds.
+A partial run (``--only 01``) that changes 01's records makes the summary notebook stale.
+
+Each notebook prints one line (name, ran / up to date and why, seconds); on a terminal a progress
+bar over its cells shows while it runs. Kernels talk over IPC sockets, not TCP, so ipykernel has
+no unencrypted-TCP warning to print. A failing notebook stops the run and names the cell.
 """
 from __future__ import annotations
 
@@ -13,19 +29,23 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from .profiles import PROJECT_ROOT, check_names, profile_params
+from . import profiles
 
-NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
-EXECUTED_DIR = PROJECT_ROOT / "executed"
+EXECUTED_DIR = profiles.PROJECT_ROOT / "executed"
+SUMMARY_NOTEBOOKS = ("07_summary",)  # their tables and figures are drawn from every other notebook's records
+# jupyter_client's KernelManager: IPC (unix sockets) instead of TCP on localhost
+KERNEL_CONFIG = {"KernelManager": {"transport": "ipc"}}
 
 
 def notebook_paths(only: list[str] | None = None) -> list[Path]:
-    paths = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    """The numbered notebooks, or those whose name starts with one of the prefixes ``only``."""
+    paths = profiles.notebook_paths()
     if only:
         paths = [p for p in paths if any(p.stem.startswith(o) for o in only)]
         if not paths:
-            raise SystemExit(f"no notebook matches {only}; notebooks: {[p.stem for p in notebook_paths()]}")
+            raise SystemExit(f"no notebook matches {only}; notebooks: {[p.stem for p in profiles.notebook_paths()]}")
     return paths
 
 
@@ -35,37 +55,92 @@ def code_stamp(notebook: Path, params: dict, profile: str) -> str:
     h.update(notebook.read_bytes())
     h.update(json.dumps({"profile": profile, "params": params}, sort_keys=True).encode())
     for pkg in ("vidret_lib", "data_prep"):
-        for src in sorted((PROJECT_ROOT / pkg).rglob("*.py")):
-            h.update(src.relative_to(PROJECT_ROOT).as_posix().encode())
+        for src in sorted((profiles.PROJECT_ROOT / pkg).rglob("*.py")):
+            h.update(src.relative_to(profiles.PROJECT_ROOT).as_posix().encode())
             h.update(src.read_bytes())
     return h.hexdigest()
 
 
-def checked_params(path: Path, profile: str) -> dict:
-    """The profile's parameters for one notebook; a name the notebook does not define is an error."""
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _records(results: Path, stem: str) -> dict[str, str]:
+    """sha256 of each results file of notebook ``stem``: ``results/<stem>/*`` (the git-ignored
+    ``.local/`` ledgers and hidden files excluded), keyed ``"<stem>/<file name>"``."""
+    folder = results / stem
+    files = sorted(p for p in folder.glob("*") if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []
+    return {f"{stem}/{p.name}": _sha256(p) for p in files}
+
+
+def notebook_state(path: Path, profile: str, params: dict[str, Any], declared: dict[str, dict[str, Any]],
+                   stems: list[str]) -> dict[str, Any]:
+    """What the stamp of notebook ``path`` records (see the module docstring), as of now.
+
+    ``params`` are the profile's overrides, ``declared`` the notebook's parameters cell
+    (:func:`vidret_lib.profiles.notebook_parameters`), ``stems`` every notebook's stem.
+    """
+    results_dir = params.get("results_dir", declared.get("results_dir", {}).get("default"))
+    results = path.parent / results_dir if results_dir else None
+    reads = [s for s in stems if s != path.stem] if path.stem in SUMMARY_NOTEBOOKS else []
+    return {
+        "code": code_stamp(path, params, profile),
+        "executed": _sha256(EXECUTED_DIR / profile / path.name),
+        "owns": _records(results, path.stem) if results else {},
+        "reads": {k: v for s in reads for k, v in _records(results, s).items()} if results else {},
+    }
+
+
+def _why_stale(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
+    """A short reason why state ``new`` differs from the stamped ``old``, or None if it does not."""
+    if old is None:
+        return "never ran"
+    if old.get("code") != new["code"]:
+        return "notebook, parameters or library changed"
+    if old.get("executed") != new["executed"]:
+        return "executed notebook changed" if new["executed"] else "executed notebook missing"
+    for kind in ("owns", "reads"):
+        was, now = old.get(kind, {}), new[kind]
+        for name in sorted(set(was) | set(now)):
+            if was.get(name) != now.get(name):
+                change = "missing" if name not in now else "new" if name not in was else "changed"
+                return f"{'its' if kind == 'owns' else 'input'} record {name} {change}"
+    return None
+
+
+def _read_stamp(stamp_file: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(stamp_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # absent, or the hash-only stamp of older versions
+        return None
+
+
+def run_notebook(path: Path, profile: str, force: bool = False,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> str:
+    """Execute one notebook unless it is up to date; return ``"ran (<why>)"`` or ``"up to date"``.
+
+    ``overrides`` are every notebook's checked profile values (:func:`profiles.profile_overrides`,
+    computed when not given). Raises SystemExit naming the cell when the notebook fails.
+    """
     import papermill as pm
+    from traitlets.config import Config
 
-    params = profile_params(profile, path.stem)
-    check_names(params, set(pm.inspect_notebook(str(path))), f"notebook {path.name}")
-    return params
-
-
-def run_notebook(path: Path, profile: str, force: bool = False) -> str:
-    """Execute one notebook; return "ran" or "up to date". Raises SystemExit on failure."""
-    import papermill as pm
-
-    params = checked_params(path, profile)
+    notebooks = {p.stem: profiles.notebook_parameters(p) for p in profiles.notebook_paths()}
+    overrides = profiles.profile_overrides(profile, notebooks) if overrides is None else overrides
+    params, declared = overrides[path.stem], notebooks[path.stem]
     out = EXECUTED_DIR / profile / path.name
     stamp_file = out.with_suffix(".stamp")
-    stamp = code_stamp(path, params, profile)
-    if not force and out.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
+    why = "forced" if force else _why_stale(_read_stamp(stamp_file), notebook_state(
+        path, profile, params, declared, list(notebooks)))
+    if why is None:
         return "up to date"
     out.parent.mkdir(parents=True, exist_ok=True)
     stamp_file.unlink(missing_ok=True)
     try:
         pm.execute_notebook(
-            str(path), str(out), parameters=params, cwd=str(path.parent),
-            kernel_name="python3", progress_bar=False,
+            str(path), str(out), parameters=params, cwd=str(path.parent), kernel_name="python3",
+            progress_bar={"desc": path.stem, "leave": False, "disable": not sys.stderr.isatty()},
+            config=Config(KERNEL_CONFIG),
         )
     except pm.PapermillExecutionError as err:
         raise SystemExit(
@@ -73,8 +148,8 @@ def run_notebook(path: Path, profile: str, force: bool = False) -> str:
             f"{err.ename}: {err.evalue}\n--- cell source ---\n{err.source}\n"
             f"--- the executed notebook with the traceback: {out}"
         ) from None
-    stamp_file.write_text(stamp)
-    return "ran"
+    stamp_file.write_text(json.dumps(notebook_state(path, profile, params, declared, list(notebooks)), indent=1))
+    return f"ran ({why})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,20 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="re-run even up-to-date notebooks")
     args = parser.parse_args(argv)
     os.environ.setdefault("VIDRET_PROGRESS", "0")
-    os.environ.pop("VIDRET_SMOKE", None)  # the profile decides sizes here, not the environment
+    os.environ.pop(profiles.SMOKE_ENV, None)  # the profile decides sizes here, not the environment
     paths = notebook_paths(args.only)
     try:  # every notebook's parameters are checked before any runs: a typo costs no computed work
-        for path in paths:
-            checked_params(path, args.profile)
-    except (FileNotFoundError, ValueError) as err:
+        overrides = profiles.profile_overrides(args.profile)
+    except (FileNotFoundError, profiles.ProfileError) as err:
         raise SystemExit(f"reproduce: {err}") from None
     total = time.perf_counter()
     for path in paths:
         start = time.perf_counter()
-        print(f"[{args.profile}] {path.name} ...", flush=True)
-        status = run_notebook(path, args.profile, args.force)
-        print(f"[{args.profile}] {path.name}: {status} in {time.perf_counter() - start:.0f} s", flush=True)
-    print(f"[{args.profile}] all notebooks done in {time.perf_counter() - total:.0f} s")
+        status = run_notebook(path, args.profile, args.force, overrides)
+        print(f"[{args.profile}] {path.stem}: {status}, {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"[{args.profile}] {len(paths)} notebooks done in {time.perf_counter() - total:.0f} s")
     return 0
 
 

@@ -8,32 +8,59 @@
 - **batches**: ``sampling="video"`` (CLIP4Clip): each epoch visits every video once, with one
   of its captions drawn at random, in batches of ``batch_size`` (last partial batch dropped,
   as CLIP4Clip's ``drop_last=True``); ``sampling="caption"`` visits every caption once (VSE++ /
-  CLIP4Clip ``--expand_msrvtt_sentences``), so a batch can hold two captions of one video;
+  CLIP4Clip ``--expand_msrvtt_sentences``), so a batch can hold two captions of one video.
+  Under N processes the epoch's order is padded to a multiple of N by repeating its start, as
+  CLIP4Clip's ``DistributedSampler``: the global batches and their number are CLIP4Clip's
+  (:func:`vidret_lib.clip4clip_recipe.plan_steps`, which also gives the schedule's ``t_total``);
 - **false negatives** (papers.md pitfall 9): an off-diagonal pair (i, j) of a batch is a false
   negative when caption i and caption j belong to the same video (possible only with
   ``sampling="caption"``) or are the same sentence (identical caption features; MSR-VTT has
   repeated generic captions). ``false_negatives="mask"`` sets their cosine to ``MASK_COS``
   (-1e4) before the loss: this removes them exactly from InfoNCE (``exp(-1e6) = 0``) and from
   every VSE++ hinge; under CAMoE's DSL the prior turns them into a logit of 0 (small next to
-  positives near ``100 * cos``), not an exact removal. ``"keep"`` leaves them as negatives;
+  positives near ``100 * cos``), not an exact removal. ``"keep"`` leaves them as negatives, as
+  CLIP4Clip does (``modules/modeling.py`` ``CrossEn`` on the whole batch): the recipe's value;
 - **loss by name** (:data:`LOSSES`), with its options; MBVR (``use_title``) trains
   ``L = base(S_qm) + alpha base(S_qv) + beta base(S_qt) [+ gamma L_ms]`` where base is the named
   loss (infonce for ``"modality_shuffle"``) on query x fused / vision-only / title-only scores.
   ``base`` is symmetric and *averages* the two directions, so the paper's
   ``L_bi = L_qm + L_mq`` is 2x ours (absorbed by the weights);
 - **optimizer**: CLIP4Clip's BertAdam (or torch AdamW) with its four parameter groups, the
-  warmup-cosine schedule over ``steps_per_epoch * epochs`` steps, a global gradient clip
-  (``grad_clip_norm``, CLIP4Clip's training loop) and BertAdam's per-tensor clip;
+  warmup-cosine schedule over ``steps_per_epoch * epochs`` steps; each step is
+  :func:`vidret_lib.clip4clip_recipe.clip4clip_step` (CLIP4Clip ``train_epoch``: backward,
+  global gradient clip ``grad_clip_norm``, BertAdam with its per-tensor clip, zero the
+  gradients, clamp a learned logit scale at ln 100);
 - **checkpoint choice**: ``select="val"`` keeps the epoch with the best validation t2v R@1
   (ties go to the later epoch, as CLIP4Clip's ``best_score <= R1``); ``"last"`` keeps the last.
   Selecting on test is refused. Both the selected and the last weights are returned;
 - **multi-process**: under ``torchrun --nproc_per_node N`` each process takes a slice of every
   global batch and the loss is computed on gathered embeddings with exact gradients
   (:mod:`vidret_lib.distributed`);
-- **determinism**: the same seed gives the same history and metrics on CPU.
+- **determinism**: the same seed gives the same history and metrics on CPU;
+- **faults** (issue 10): training stops with ``FloatingPointError`` at the first non-finite
+  loss, gradient norm or weight, naming the epoch, the step and the batch's videos, before the
+  optimizer applies a non-finite update; train and val splits that share videos are refused
+  (:func:`check_disjoint`, override ``allow_split_overlap``). A video with no valid frame or
+  title cannot send training to NaN: every normalisation is
+  :func:`vidret_lib.losses.safe_normalize` (zero in, zero out, no gradient), and
+  ``vidret_lib.pipeline.split_features`` drops videos that failed to decode.
+
+**End-to-end recipe** (papers.md §0; ``ArrowLuo/CLIP4Clip`` ``main_task_retrieval.py`` and
+``modules/modeling.py``): ``TrainConfig(mode="end_to_end", sampling="caption", freeze_layer_num=0,
+precision="fp16_weights", learned_logit_scale=True, false_negatives="keep", optimizer="bert_adam")``
+with the default lr 1e-4, coef_lr 1e-3, 5 epochs, batch 128. The towers' outputs go straight to
+the head (meanP has no parameter of its own; frozen mode's identity adapters are left out),
+``freeze_layer_num`` freezes as ``--freeze_layer_num``
+(:func:`~vidret_lib.clip4clip_recipe.apply_clip4clip_freeze`), ``precision`` stores the tower
+weights as CLIP4Clip (``"fp16_weights"``) or in float32, optionally with bfloat16 autocast
+(:func:`~vidret_lib.clip4clip_recipe.prepare_precision`; the forward, the loss and
+:func:`featurize` run under :func:`~vidret_lib.clip4clip_recipe.precision_context`).
 
 The logit scale is fixed at ``logit_scale`` (CLIP's learned value trains at lr 1e-7 and stays
-at 100, papers.md §0). :func:`evaluate` scores both directions with
+at 100, papers.md §0), except with ``learned_logit_scale=True`` (end-to-end only): then the
+loss uses ``model.clip.logit_scale.exp()``, which trains with the towers (``lr * coef_lr``,
+weight decay as CLIP4Clip's substring rule gives it) and is clamped at ln 100 after each step,
+as CLIP4Clip. :func:`evaluate` scores both directions with
 :func:`vidret_lib.metrics.both_directions`, optionally re-ranked by DSL (transductive) or
 QB-Norm with a querybank of training queries (:func:`vidret_lib.rerank.qb_norm_rerank`).
 """
@@ -41,19 +68,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import os
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from torch import nn
 
 from . import distributed as dist_utils
+from .clip4clip_recipe import (
+    PRECISIONS, apply_clip4clip_freeze, clip4clip_step, plan_steps, precision_context, prepare_precision,
+)
 from .emcl import EMCL
 from .heads import HEADS, MODALITIES, RetrievalModel, clip_text_init
-from .losses import dual_softmax_loss, dual_softmax_rerank, infonce_loss, modality_shuffle_loss, vsepp_loss
+from .losses import (
+    dual_softmax_loss, dual_softmax_rerank, infonce_loss, modality_shuffle_loss, safe_normalize, vsepp_loss,
+)
 from .metrics import both_directions
 from .optim import OPTIMIZERS, make_optimizer, param_groups
 from .progress import progress
@@ -71,6 +106,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "build_model",
+    "check_disjoint",
     "compute_loss",
     "false_negative_mask",
     "train",
@@ -95,7 +131,10 @@ class FeatureSplit:
     (V, T) bool (False = padded frame); ``caption_video`` (N,) int64: caption i describes
     video ``caption_video[i]`` (``vidret_lib.datasets.Split.caption_video``). For MBVR,
     ``title`` (V, D) features of each video's text side and ``title_present`` (V,) bool.
-    NumPy inputs are converted to tensors (features float32).
+    ``video_ids`` (optional) names the V videos in column order (training errors name them,
+    :func:`check_disjoint` compares splits by them); ``excluded`` maps each video left out of
+    the split (e.g. failed to decode) to the reason. NumPy inputs are converted to tensors
+    (features float32).
 
     Example:
         >>> s = FeatureSplit(np.zeros((3, 4)), np.zeros((2, 5, 4)), np.ones((2, 5), bool), [0, 0, 1])
@@ -109,6 +148,8 @@ class FeatureSplit:
     caption_video: Tensor
     title: Tensor | None = None
     title_present: Tensor | None = None
+    video_ids: tuple[str, ...] | None = None
+    excluded: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.text = _tensor(self.text).float()
@@ -137,6 +178,8 @@ class FeatureSplit:
                     f"title must be (V, D) = ({v}, {d}) and title_present (V,); got "
                     f"{tuple(self.title.shape)} and {tuple(self.title_present.shape)}"
                 )
+        self.video_ids = _check_video_ids(self.video_ids, v)
+        self.excluded = dict(self.excluded)
 
     @property
     def num_texts(self) -> int:
@@ -151,9 +194,30 @@ class FeatureSplit:
         return self.text.shape[1]
 
     def to(self, device: str | torch.device) -> "FeatureSplit":
-        """A copy with every tensor on ``device``."""
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return FeatureSplit(**{k: (None if x is None else x.to(device)) for k, x in moved.items()})
+        """A copy with every tensor on ``device`` (``video_ids`` and ``excluded`` kept)."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        })
+
+    def drop_videos(self, reasons: dict[str, str]) -> "FeatureSplit":
+        """A copy without the videos named in ``reasons`` (id -> why) and without their captions.
+
+        The kept videos and captions stay in order; ``caption_video`` is re-indexed and
+        ``excluded`` gains ``reasons``. Needs ``video_ids``; raises ``ValueError`` for an id not
+        in the split, or when no caption would be left.
+        """
+        if self.video_ids is None:
+            raise ValueError("drop_videos names videos by id: build the FeatureSplit with video_ids=...")
+        keep_video, keep_caption, new_index = _keep_videos(self.video_ids, self.caption_video, reasons)
+        keep_caption = keep_caption.to(self.text.device)
+        kept = {"video": self.video, "mask": self.mask, "title": self.title, "title_present": self.title_present}
+        return dataclasses.replace(
+            self, text=self.text[keep_caption], caption_video=new_index[self.caption_video[keep_caption]],
+            video_ids=tuple(v for v, k in zip(self.video_ids, keep_video.tolist()) if k),
+            excluded=self.excluded | dict(reasons),
+            **{k: (None if x is None else x[keep_video.to(x.device)]) for k, x in kept.items()},
+        )
 
 
 @dataclass
@@ -161,17 +225,21 @@ class RawSplit:
     """Raw inputs of one split (end-to-end mode).
 
     ``load_video(i)`` returns video i's frames uint8 (T, H, W, 3) and mask bool (T,) (e.g. from
-    the frame cache of ``vidret_lib.frames``); ``sentences`` (N,) and ``caption_video`` (N,)
-    as in :class:`FeatureSplit`.
+    the frame cache of ``vidret_lib.frames``); ``sentences`` (N,), ``caption_video`` (N,),
+    ``video_ids`` and ``excluded`` as in :class:`FeatureSplit`.
     """
 
     load_video: Callable[[int], tuple[np.ndarray, np.ndarray]]
     sentences: Sequence[str]
     caption_video: Tensor
     num_videos: int
+    video_ids: tuple[str, ...] | None = None
+    excluded: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.caption_video = _tensor(self.caption_video).long()
+        self.video_ids = _check_video_ids(self.video_ids, self.num_videos)
+        self.excluded = dict(self.excluded)
         if len(self.sentences) != len(self.caption_video):
             raise ValueError(f"{len(self.sentences)} sentences but {len(self.caption_video)} caption_video entries")
         if len(self.caption_video) and int(self.caption_video.max()) >= self.num_videos:
@@ -185,14 +253,107 @@ class RawSplit:
     def from_frame_cache(cls, frame_cache, split) -> "RawSplit":
         """A dataset split (``vidret_lib.datasets.Split``) read from a frame cache.
 
-        ``frame_cache.load(video_id)`` returns ``(frames, mask)`` (``vidret_lib.frame_cache``).
+        ``frame_cache.load(video_id)`` returns ``(frames, mask)`` and ``frame_cache.failed``
+        maps videos that could not be decoded to the reason (``vidret_lib.frame_cache``); those
+        videos and their captions are left out and listed in ``excluded``.
         """
-        return cls(lambda i: frame_cache.load(split.video_ids[i]), list(split.sentences),
-                   split.caption_video, len(split.video_ids))
+        failed = {v: frame_cache.failed[v] for v in split.video_ids if v in frame_cache.failed}
+        keep_video, keep_caption, new_index = _keep_videos(split.video_ids, _tensor(split.caption_video), failed)
+        ids = tuple(v for v, k in zip(split.video_ids, keep_video.tolist()) if k)
+        caption_video = _tensor(split.caption_video).long()
+        return cls(lambda i: frame_cache.load(ids[i]),
+                   [s for s, k in zip(split.sentences, keep_caption.tolist()) if k],
+                   new_index[caption_video[keep_caption]], len(ids), ids, failed)
 
 
 def _tensor(x) -> Tensor:
     return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def _check_video_ids(video_ids, num_videos: int) -> tuple[str, ...] | None:
+    """``video_ids`` as a tuple of ``num_videos`` distinct ids (or None); else ValueError."""
+    if video_ids is None:
+        return None
+    ids = tuple(video_ids)
+    if len(ids) != num_videos or len(set(ids)) != len(ids):
+        raise ValueError(f"video_ids must name the {num_videos} videos once each, in column order; got "
+                         f"{len(ids)} ids ({len(set(ids))} distinct)")
+    return ids
+
+
+def _keep_videos(video_ids: Sequence[str], caption_video: Tensor, drop: dict[str, str]) -> tuple[Tensor, Tensor, Tensor]:
+    """(keep_video (V,) bool, keep_caption (N,) bool, new_index (V,) int64) for dropping ``drop``'s ids."""
+    unknown = sorted(set(drop) - set(video_ids))
+    if unknown:
+        raise ValueError(f"cannot drop videos {unknown[:5]}: they are not in the split")
+    keep_video = torch.tensor([v not in drop for v in video_ids], dtype=torch.bool)
+    keep_caption = keep_video[caption_video.cpu()]
+    if len(caption_video) and not keep_caption.any():
+        raise ValueError(f"dropping {len(drop)} videos leaves the split without captions: {list(drop)[:5]}")
+    new_index = torch.cumsum(keep_video.long(), 0) - 1  # old column -> new column (kept videos)
+    return keep_video, keep_caption, new_index.to(caption_video.device)
+
+
+def check_disjoint(
+    first: FeatureSplit | RawSplit,
+    second: FeatureSplit | RawSplit,
+    names: tuple[str, str] = ("train", "val"),
+    allow_overlap: bool = False,
+) -> dict[str, int]:
+    """Refuse two splits that share videos; count (and warn about) identical captions they share.
+
+    Videos are compared by ``video_ids``; when either split has none (a split built by hand)
+    the video check is skipped and ``"videos"`` is -1. Shared videos raise ``ValueError``
+    naming both splits, the number shared and a few ids, unless ``allow_overlap=True`` (then
+    they are warned about). Identical captions (the same sentence of a :class:`RawSplit`, or
+    bitwise-identical caption features of a :class:`FeatureSplit`) are only counted and warned
+    about, never refused: MSR-VTT's generic captions ("a man is talking") occur in both 9k and
+    1k-A, and refusing them would break the papers' protocol. Returns ``{"videos": n shared,
+    "captions": n captions of ``second`` with an identical caption in ``first``}`` (-1 when
+    the two splits are not of one kind).
+
+    Example:
+        >>> a = RawSplit(None, ["a dog runs", "a cat"], [0, 1], 2, ("v1", "v2"))
+        >>> b = RawSplit(None, ["a cat", "a bird"], [0, 1], 2, ("v3", "v4"))
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     check_disjoint(a, b)
+        {'videos': 0, 'captions': 1}
+    """
+    first_ids, second_ids = getattr(first, "video_ids", None), getattr(second, "video_ids", None)
+    out = {"videos": -1, "captions": -1}
+    if first_ids is not None and second_ids is not None:
+        in_first = set(first_ids)
+        shared = [v for v in second_ids if v in in_first]
+        out["videos"] = len(shared)
+        if shared:
+            message = (
+                f"the {names[0]} and {names[1]} splits share {len(shared)} videos (of {len(first_ids)} and "
+                f"{len(second_ids)}), e.g. {shared[:5]}: a model would be {'selected' if names[1] == 'val' else 'tested'} "
+                f"on videos it trained on. Use disjoint splits (MSR-VTT: train_9k_noval / val, train_9k / test_1ka), "
+                f"or pass allow_overlap=True (TrainConfig.allow_split_overlap=True) if the overlap is intended"
+            )
+            if not allow_overlap:
+                raise ValueError(message)
+            warnings.warn(message, stacklevel=2)
+    if type(first) is type(second):
+        keys = set(_caption_keys(first))
+        out["captions"] = sum(k in keys for k in _caption_keys(second))
+        if out["captions"]:
+            warnings.warn(
+                f"{out['captions']} of the {second.num_texts} {names[1]} captions also occur in the {names[0]} "
+                f"split (identical sentences; MSR-VTT's generic captions do, by the papers' protocol)",
+                stacklevel=2,
+            )
+    return out
+
+
+def _caption_keys(split: FeatureSplit | RawSplit) -> list:
+    """One key per caption, equal for identical captions (the sentence, or a digest of its features)."""
+    if isinstance(split, RawSplit):
+        return list(split.sentences)
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in split.text.cpu().numpy()]
 
 
 # ==================================================================== config
@@ -205,6 +366,14 @@ class TrainConfig:
     ``ms_dynamic_margin`` the margin of query b is ``ms_margin * (1 - cos(F_v_b, F_v_shuffled))``,
     larger for visually different negatives -- our explicit stand-in for MBVR's unpublished
     dynamic margin), ``alpha``/``beta``/``gamma`` (MBVR weights of L_v, L_t, L_ms).
+    ``allow_split_overlap=True`` lets :func:`train` accept train and val splits that share
+    videos (:func:`check_disjoint`); leave it False unless the overlap is the experiment.
+
+    End-to-end only (see the module docstring's recipe): ``precision`` (one of
+    :data:`~vidret_lib.clip4clip_recipe.PRECISIONS`; CLIP4Clip's is ``"fp16_weights"``),
+    ``freeze_layer_num`` (-1 freezes nothing; CLIP4Clip's ``--freeze_layer_num 0`` still
+    freezes the towers' stem), ``learned_logit_scale`` (train CLIP's logit scale and use it in
+    the loss instead of the fixed ``logit_scale``).
     """
 
     loss: str = "infonce"
@@ -230,6 +399,9 @@ class TrainConfig:
     emcl_beta: float = 3.0
     emcl_eval_block: int = 32
     mode: str = "frozen"
+    precision: str = "fp32"
+    freeze_layer_num: int = -1
+    learned_logit_scale: bool = False
     optimizer: str = "bert_adam"
     lr: float = 1e-4
     coef_lr: float = 1e-3
@@ -237,6 +409,7 @@ class TrainConfig:
     warmup: float = 0.1
     grad_clip_norm: float = 1.0
     max_grad_norm: float = 1.0
+    allow_split_overlap: bool = False
     epochs: int = 5
     batch_size: int = 128
     sampling: str = "video"
@@ -266,6 +439,7 @@ class TrainConfig:
             ("head", self.head, HEADS), ("mode", self.mode, MODES), ("optimizer", self.optimizer, OPTIMIZERS),
             ("sampling", self.sampling, SAMPLINGS), ("false_negatives", self.false_negatives, FALSE_NEGATIVES),
             ("select", self.select, SELECTS), ("vsepp_reduction", self.vsepp_reduction, ("sum", "mean")),
+            ("precision", self.precision, PRECISIONS),
         ]:
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; valid values: {valid}")
@@ -275,6 +449,13 @@ class TrainConfig:
             raise ValueError("use_title and emcl together are not supported")
         if self.use_title and self.mode == "end_to_end":
             raise ValueError("use_title is available in frozen-feature mode only")
+        if self.mode != "end_to_end":
+            for name, default in (("precision", "fp32"), ("freeze_layer_num", -1), ("learned_logit_scale", False)):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} trains the CLIP towers: set mode='end_to_end' (with a "
+                        f"RawSplit and an encoder), or leave {name} at {default!r} in {self.mode!r} mode"
+                    )
         if self.epochs < 1 or self.batch_size < 2 or self.eval_every < 1:
             raise ValueError(
                 f"need epochs >= 1, batch_size >= 2, eval_every >= 1; got {self.epochs}, "
@@ -287,8 +468,13 @@ def build_model(config: TrainConfig, dim: int, encoder=None) -> RetrievalModel:
     """The model ``config`` describes, seeded by ``config.seed``.
 
     With an encoder, seqTransf is initialised from its text transformer when compatible
-    (:func:`vidret_lib.heads.clip_text_init`), and in end-to-end mode its towers become
-    ``model.clip`` (trainable, ``lr * coef_lr``).
+    (:func:`vidret_lib.heads.clip_text_init`). In end-to-end mode a copy of its towers becomes
+    ``model.clip`` (trainable, ``lr * coef_lr``), frozen by ``config.freeze_layer_num`` and
+    stored in ``config.precision`` (also kept as ``model.precision`` for :func:`featurize`);
+    the text and video adapters are identities, as CLIP4Clip has none. Raises ``ValueError``
+    without an encoder in end-to-end mode, and ``TypeError`` (from
+    :mod:`vidret_lib.clip4clip_recipe`) when ``freeze_layer_num > -1`` or
+    ``precision="fp16_weights"`` meet an encoder that is not an open_clip CLIP ViT.
     """
     config.validate()
     seed_everything(config.seed)
@@ -302,16 +488,23 @@ def build_model(config: TrainConfig, dim: int, encoder=None) -> RetrievalModel:
             raise ValueError("mode='end_to_end' trains the encoder's towers: pass encoder=load_encoder(...)")
         model.clip = copy.deepcopy(encoder.model)  # train a copy; the caller's encoder is untouched
         model.raw_encoder = encoder  # for preprocess_frames / tokenize only
+        # CLIP4Clip feeds the towers' outputs to the head (modeling.py get_sequence_output /
+        # get_visual_output): frozen mode's stand-in for the CLIP weights has no place here
+        model.text_adapter, model.video_adapter = nn.Identity(), nn.Identity()
+        if config.freeze_layer_num > -1:
+            apply_clip4clip_freeze(model.clip, config.freeze_layer_num)
+        prepare_precision(model.clip, config.precision)  # before param_groups: fp16 keeps the parameter objects
+        model.precision = config.precision
     return model.to(config.device)
 
 
-def _base_loss(config: TrainConfig, sim: Tensor) -> Tensor:
-    """The named loss on a square cosine matrix (infonce for 'modality_shuffle')."""
+def _base_loss(config: TrainConfig, sim: Tensor, scale: float | Tensor) -> Tensor:
+    """The named loss on a square cosine matrix (infonce for 'modality_shuffle') at logit scale ``scale``."""
     if config.loss in ("infonce", "modality_shuffle"):
-        return infonce_loss(sim, config.logit_scale)
+        return infonce_loss(sim, scale)
     if config.loss == "vsepp":
         return vsepp_loss(sim, config.margin, config.max_violation, config.vsepp_reduction)
-    scaled = config.logit_scale * sim  # DSL takes logit-scaled scores; symmetric use
+    scaled = scale * sim  # DSL takes logit-scaled scores; symmetric use
     return (dual_softmax_loss(scaled, config.dsl_temp) + dual_softmax_loss(scaled.T, config.dsl_temp)) / 2
 
 
@@ -340,20 +533,23 @@ def compute_loss(
     ``text`` (B, D) and ``vision`` (B, D) from :meth:`RetrievalModel.encode_text` /
     :meth:`~RetrievalModel.encode_video`; ``title`` (B, D) from ``encode_title`` for MBVR;
     ``fn_mask`` (B, B) false negatives to mask (or None). ``generator`` draws the MBVR shuffle.
+    The logit scale is ``config.logit_scale``, or with ``config.learned_logit_scale``
+    ``model.clip.logit_scale.exp()`` (CLIP4Clip ``modules/modeling.py`` ``get_similarity_logits``).
     """
     def masked(sim: Tensor) -> Tensor:
         return sim if fn_mask is None else sim.masked_fill(fn_mask, MASK_COS)
 
+    scale = model.clip.logit_scale.exp() if config.learned_logit_scale else config.logit_scale
     if not config.use_title:
-        return _base_loss(config, masked(model.scores(text, vision)))
-    q = F.normalize(text, dim=-1)  # (B, D) queries
-    f_v = F.normalize(vision, dim=-1)  # (B, D) vision-only F_v
+        return _base_loss(config, masked(model.scores(text, vision)), scale)
+    q = safe_normalize(text)  # (B, D) queries
+    f_v = safe_normalize(vision)  # (B, D) vision-only F_v
     f_m = model.fusion(f_v, title)  # (B, D) fused F_m
-    loss = _base_loss(config, masked(q @ f_m.T))  # L_bi: query <-> fused
+    loss = _base_loss(config, masked(q @ f_m.T), scale)  # L_bi: query <-> fused
     if config.alpha:
-        loss = loss + config.alpha * _base_loss(config, masked(q @ f_v.T))  # L_v: query <-> vision only
+        loss = loss + config.alpha * _base_loss(config, masked(q @ f_v.T), scale)  # L_v: query <-> vision only
     if config.beta:
-        loss = loss + config.beta * _base_loss(config, masked(q @ title.T))  # L_t: query <-> title only
+        loss = loss + config.beta * _base_loss(config, masked(q @ title.T), scale)  # L_t: query <-> title only
     if config.loss == "modality_shuffle":
         b = len(q)
         perm = torch.randperm(b, generator=generator).to(q.device)
@@ -369,9 +565,15 @@ def compute_loss(
 
 # ==================================================================== batches
 def _epoch_batches(
-    caption_video: Tensor, num_videos: int, config: TrainConfig, generator: torch.Generator
+    caption_video: Tensor, num_videos: int, config: TrainConfig, generator: torch.Generator, world: int = 1
 ) -> list[tuple[Tensor, Tensor]]:
-    """(caption indices (B,), video indices (B,)) of each global batch of one epoch."""
+    """(caption indices (B,), video indices (B,)) of each global batch of one epoch over ``world`` processes.
+
+    As CLIP4Clip's loader (``dataloaders/data_dataloaders.py`` ``dataloader_msrvtt_train``): the
+    shuffled samples are padded to a multiple of ``world`` by repeating the start
+    (``DistributedSampler``) and cut into batches with ``drop_last``; global batch k is the union
+    of every process's batch k, so there are :func:`~vidret_lib.clip4clip_recipe.plan_steps` of them.
+    """
     if config.sampling == "video":
         videos = torch.randperm(num_videos, generator=generator)
         order = torch.argsort(caption_video, stable=True)  # captions grouped by video
@@ -385,6 +587,8 @@ def _epoch_batches(
         captions = torch.randperm(len(caption_video), generator=generator)
         videos = caption_video[captions]
     size = min(config.batch_size, len(captions))
+    padded = torch.arange(-(-len(captions) // world) * world) % len(captions)  # ceil(n / world) * world
+    captions, videos = captions[padded], videos[padded]
     n = len(captions) // size  # drop_last, as CLIP4Clip
     return [(captions[i * size:(i + 1) * size], videos[i * size:(i + 1) * size]) for i in range(n)]
 
@@ -410,15 +614,20 @@ def _tower_video(model: RetrievalModel, split: RawSplit, videos: Tensor, device)
 
 @torch.no_grad()
 def featurize(model: RetrievalModel, split: RawSplit, batch: int = 32) -> FeatureSplit:
-    """Encode a :class:`RawSplit` with the model's current towers (eval mode) into a :class:`FeatureSplit`."""
+    """Encode a :class:`RawSplit` with the model's current towers (eval mode) into a :class:`FeatureSplit`.
+
+    The towers run under the precision they were trained in (``model.precision``, set by
+    :func:`build_model`: bfloat16 autocast for ``"amp_bf16"``); features come back float32.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    text = [_tower_text(model, split.sentences[i:i + batch], device) for i in range(0, split.num_texts, batch)]
-    videos, masks = zip(*[
-        _tower_video(model, split, torch.arange(i, min(i + batch, split.num_videos)), device)
-        for i in range(0, split.num_videos, batch)
-    ])
+    with precision_context(model.precision, device):
+        text = [_tower_text(model, split.sentences[i:i + batch], device) for i in range(0, split.num_texts, batch)]
+        videos, masks = zip(*[
+            _tower_video(model, split, torch.arange(i, min(i + batch, split.num_videos)), device)
+            for i in range(0, split.num_videos, batch)
+        ])
     model.train(was_training)
     return FeatureSplit(torch.cat(text), torch.cat(videos), torch.cat(masks), split.caption_video.to(device))
 
@@ -492,6 +701,23 @@ def _device(config: TrainConfig, world: int) -> torch.device:
     return device
 
 
+def _stop_if_not_finite(what: str, value: Tensor, epoch: int, step: int, steps: int, split, videos: Tensor) -> None:
+    """Raise ``FloatingPointError`` naming the epoch, step and batch videos if ``value`` is not finite.
+
+    ``value`` is a tensor (for ``"weights"``: whether every weight is finite).
+    """
+    if bool(torch.isfinite(value).all()):
+        return
+    ids = [split.video_ids[int(i)] if split.video_ids is not None else f"#{int(i)}" for i in videos]
+    shown = "" if what == "weights" else f" ({value.item()})"
+    raise FloatingPointError(
+        f"training stopped: non-finite {what}{shown} at epoch {epoch}, step {step} of {steps} "
+        f"({'after the optimizer step' if what == 'weights' else 'no weight changed'}). The batch's {len(ids)} videos"
+        f"{'' if split.video_ids is not None else ' (column indices; pass FeatureSplit.video_ids to name them)'}: "
+        f"{', '.join(ids)}. Check their features (no valid frame, non-finite values) or lower the learning rate"
+    )
+
+
 def train(config: TrainConfig, train: FeatureSplit | RawSplit, val: FeatureSplit | RawSplit | None = None,
           encoder=None) -> TrainResult:
     """Train a retrieval model as ``config`` says; see the module docstring.
@@ -501,6 +727,13 @@ def train(config: TrainConfig, train: FeatureSplit | RawSplit, val: FeatureSplit
     required encoder (``vidret_lib.encoders.load_encoder``) whose towers are copied and trained.
     Under ``torchrun`` every process must call this with the same arguments; the process group
     it joins stays open (call ``torch.distributed.destroy_process_group()`` at the end).
+
+    Raises ``ValueError`` when ``train`` and ``val`` share videos (:func:`check_disjoint`;
+    ``config.allow_split_overlap`` overrides), and ``FloatingPointError`` at the first
+    non-finite loss or gradient norm (before that step changes any weight) or non-finite
+    weight after a step, naming the epoch, the step and the batch's video ids. End-to-end:
+    ``ValueError`` without an encoder, ``TypeError`` when ``freeze_layer_num > -1`` or
+    ``precision="fp16_weights"`` meet an encoder that is not an open_clip CLIP ViT.
     """
     config.validate()
     if config.select == "val" and val is None:
@@ -511,6 +744,8 @@ def train(config: TrainConfig, train: FeatureSplit | RawSplit, val: FeatureSplit
             raise TypeError(f"mode={config.mode!r} takes {expected.__name__} inputs; {name} is {type(split).__name__}")
     if config.use_title and train.title is None:
         raise ValueError("use_title=True needs FeatureSplit.title and title_present for the training split")
+    if val is not None:
+        check_disjoint(train, val, ("train", "val"), config.allow_split_overlap)
     rank, world = dist_utils.init_from_env(config.device)
     device = _device(config, world)
     config = dataclasses.replace(config, device=str(device))
@@ -527,38 +762,37 @@ def train(config: TrainConfig, train: FeatureSplit | RawSplit, val: FeatureSplit
     sentence_ids = _sentence_ids(train)
     caption_video = train.caption_video.cpu()
     n_items = train.num_videos if config.sampling == "video" else train.num_texts
-    size = min(config.batch_size, n_items)
-    if size % world:
-        raise ValueError(f"batch of {size} cannot be split over {world} processes; make batch_size divisible by it")
-    steps_per_epoch = n_items // size
+    plan = plan_steps(n_items, min(config.batch_size, n_items), config.epochs, world)  # CLIP4Clip's loader length
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(
         config.optimizer, param_groups(model, config.lr, config.coef_lr, config.weight_decay),
-        config.lr, config.warmup, steps_per_epoch * config.epochs, config.weight_decay, config.max_grad_norm,
+        config.lr, config.warmup, plan.total_steps, config.weight_decay, config.max_grad_norm,
     )
+    logit_scale = model.clip.logit_scale if config.learned_logit_scale else None  # clamped after each step
     history: list[dict] = []
     best: tuple[float, int, dict] | None = None
     for epoch in progress(range(1, config.epochs + 1), desc="epochs"):
         model.train()
         start, losses = time.perf_counter(), []
-        for captions, videos in _epoch_batches(caption_video, train.num_videos, config, generator):
-            text, vision, title = _encode_batch(
-                model, train, dist_utils.shard(captions, rank, world), dist_utils.shard(videos, rank, world)
+        batches = _epoch_batches(caption_video, train.num_videos, config, generator, world)
+        for step, (captions, videos) in enumerate(batches, 1):
+            where = (epoch, step, plan.steps_per_epoch, train, videos)
+            with precision_context(config.precision, device):  # forward and loss; backward outside
+                text, vision, title = _encode_batch(
+                    model, train, dist_utils.shard(captions, rank, world), dist_utils.shard(videos, rank, world)
+                )
+                text, vision = dist_utils.gather(text), dist_utils.gather(vision)
+                title = dist_utils.gather(title) if title is not None else None
+                fn_mask = None
+                if config.false_negatives == "mask":
+                    fn_mask = false_negative_mask(videos, sentence_ids[captions]).to(text.device)
+                loss = compute_loss(config, model, text, vision, fn_mask, title, generator)
+            _stop_if_not_finite("loss", loss, *where)
+            clip4clip_step(  # CLIP4Clip train_epoch: backward, global clip, step, zero_grad, clamp
+                loss, params, optimizer, logit_scale, config.grad_clip_norm, scheduler,
+                check_grad_norm=lambda norm: _stop_if_not_finite("gradient norm", norm, *where),  # weights untouched
             )
-            text, vision = dist_utils.gather(text), dist_utils.gather(vision)
-            title = dist_utils.gather(title) if title is not None else None
-            fn_mask = None
-            if config.false_negatives == "mask":
-                fn_mask = false_negative_mask(videos, sentence_ids[captions]).to(text.device)
-            loss = compute_loss(config, model, text, vision, fn_mask, title, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            dist_utils.average_gradients(params)
-            if config.grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)  # CLIP4Clip train_epoch
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+            _stop_if_not_finite("weights", torch.stack([torch.isfinite(p).all() for p in params]).all(), *where)
             losses.append(loss.item())
         record = {
             "epoch": epoch, "loss": float(np.mean(losses)), "lr": _current_lr(optimizer),

@@ -1,0 +1,141 @@
+"""``make reproduce``: what counts as up to date, what it prints, how it starts kernels.
+
+Tiny notebooks made with nbformat stand in for the real ones; papermill's ``execute_notebook``
+is replaced by a fake that does what a notebook does to its records (``experiment.load_or_run``
+with the real ledger), so no kernel starts except in the one test marked slow.
+"""
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import papermill as pm
+import pytest
+
+from test_profiles import make_notebook
+from vidret_lib import profiles, reproduce
+from vidret_lib.experiment import ledger_path, load_or_run
+from vidret_lib.results import read_results, write_results
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """notebooks/01_a (owns two records), notebooks/07_summary (reads them), params/, executed/."""
+    make_notebook(tmp_path / "notebooks", "01_a", 'scale: float = 1.0\nresults_dir: str = "../results"\n')
+    make_notebook(tmp_path / "notebooks", "07_summary", 'results_dir: str = "../results"\n')
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "default.yaml").write_text("{}\n")
+    monkeypatch.setattr(profiles, "NOTEBOOKS_DIR", tmp_path / "notebooks")
+    monkeypatch.setattr(profiles, "PARAMS_DIR", tmp_path / "params")
+    monkeypatch.setattr(reproduce, "EXECUTED_DIR", tmp_path / "executed")
+    # main() changes the environment its kernels inherit: setenv makes monkeypatch restore it
+    monkeypatch.setenv(profiles.SMOKE_ENV, os.environ.get(profiles.SMOKE_ENV, "1"))
+    monkeypatch.setenv("VIDRET_PROGRESS", os.environ.get("VIDRET_PROGRESS", "0"))
+    return tmp_path
+
+
+class FakeNotebooks:
+    """``papermill.execute_notebook`` stand-in: 01_a computes records x and y with ``load_or_run``
+    (``computed`` counts each computation), 07_summary reads them; both write an executed copy."""
+
+    def __init__(self):
+        self.executed, self.computed, self.table = [], [], {}
+
+    def __call__(self, src, out, parameters, cwd, **kw):
+        stem = Path(src).stem
+        self.executed.append(stem)
+        self.kwargs = kw
+        results = Path(cwd) / parameters.get("results_dir", "../results")
+        if stem == "01_a":
+            scale = parameters.get("scale", 1.0)
+            for name in ("x", "y"):
+                load_or_run(results, stem, name, {"scale": scale}, {}, seed=0,
+                            compute=lambda name=name: self.computed.append(name) or {"R1": 10.0 * scale})
+        else:
+            self.table = {p.stem: read_results(p)["metrics"]["R1"] for p in sorted((results / "01_a").glob("*.json"))}
+        Path(out).write_text(json.dumps({"cells": [], "stem": stem, "padding": "." * 2000}))
+
+
+def run(capsys, *args):
+    """``reproduce.main(args)``; returns {notebook: status} from its one line per notebook."""
+    assert reproduce.main(["--profile", "default", *args]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    status = dict(re.fullmatch(r"\[default\] (\S+): (.+), \d+ s", line).groups() for line in lines[:-1])
+    assert len(status) == len(lines) - 1 and re.fullmatch(r"\[default\] \d+ notebooks done in \d+ s", lines[-1])
+    return status
+
+
+def test_any_changed_output_or_input_makes_its_notebook_run_again(project, monkeypatch, capsys):
+    fake = FakeNotebooks()
+    monkeypatch.setattr(pm, "execute_notebook", fake)
+    record = project / "results" / "01_a" / "x.json"
+    assert run(capsys) == {"01_a": "ran (never ran)", "07_summary": "ran (never ran)"}
+    assert fake.computed == ["x", "y"] and fake.table == {"x": 10.0, "y": 10.0}
+    assert run(capsys) == {"01_a": "up to date", "07_summary": "up to date"} and len(fake.executed) == 2
+
+    # a results record edited by hand: the owner runs, recomputes that record only, and the table is right
+    forged = read_results(record)
+    forged["metrics"]["R1"] = 99.9
+    record.write_text(json.dumps(forged))
+    status = run(capsys)
+    assert status["01_a"] == "ran (its record 01_a/x.json changed)" and fake.computed[2:] == ["x"]
+    assert fake.table == {"x": 10.0, "y": 10.0} and read_results(record)["metrics"]["R1"] == 10.0
+
+    # a deleted record
+    (project / "results" / "01_a" / "y.json").unlink()
+    status = run(capsys)
+    assert status["01_a"] == "ran (its record 01_a/y.json missing)" and fake.computed[3:] == ["y"]
+    assert fake.table == {"x": 10.0, "y": 10.0}
+
+    # the executed notebook truncated
+    executed = project / "executed" / "default" / "01_a.ipynb"
+    executed.write_bytes(executed.read_bytes()[:1000])
+    assert run(capsys)["01_a"] == "ran (executed notebook changed)" and len(fake.computed) == 4, "records reused"
+
+    # another profile writes its own (NaN) record with its own ledger into the same folder
+    write_results(record, "x", {"R1": float("nan")}, {"scale": 5.0}, seed=0)
+    ledger_path(record).write_text(hashlib.sha256(record.read_bytes()).hexdigest())
+    assert run(capsys)["01_a"] == "ran (its record 01_a/x.json changed)" and fake.computed[4:] == ["x"]
+    assert fake.table == {"x": 10.0, "y": 10.0}
+    assert run(capsys) == {"01_a": "up to date", "07_summary": "up to date"}
+
+    # a partial run changes 01's records: the summary notebook is stale, then runs
+    (project / "params" / "default.yaml").write_text("01_a:\n  scale: 2\n")
+    assert run(capsys, "--only", "01") == {"01_a": "ran (notebook, parameters or library changed)"}
+    assert fake.table == {"x": 10.0, "y": 10.0}, "07 did not run yet"
+    assert run(capsys) == {"01_a": "up to date", "07_summary": "ran (input record 01_a/x.json changed)"}
+    assert fake.table == {"x": 20.0, "y": 20.0}
+    assert run(capsys, "--force") == {"01_a": "ran (forced)", "07_summary": "ran (forced)"}
+
+
+def test_kernels_use_ipc_and_a_failing_cell_is_named(project, monkeypatch, capsys):
+    fake = FakeNotebooks()
+    monkeypatch.setattr(pm, "execute_notebook", fake)
+    run(capsys)
+    assert fake.kwargs["config"]["KernelManager"]["transport"] == "ipc"
+    assert fake.kwargs["progress_bar"]["disable"] is True, "no progress bar when stderr is not a terminal"
+
+    def fail(src, out, **kw):
+        raise pm.PapermillExecutionError(5, 7, "x = 1 / 0", "ZeroDivisionError", "division by zero", [])
+
+    monkeypatch.setattr(pm, "execute_notebook", fail)
+    (project / "params" / "default.yaml").write_text("01_a:\n  scale: 3.0\n")
+    with pytest.raises(SystemExit, match=r"01_a\.ipynb failed in cell 5 \(execution count 7\): ZeroDivisionError"):
+        reproduce.main(["--profile", "default"])
+    assert not (project / "executed" / "default" / "01_a.stamp").exists(), "a failed notebook must not look up to date"
+
+
+@pytest.mark.slow
+def test_a_real_kernel_prints_no_transport_warning(project, capfd):
+    (project / "params" / "default.yaml").write_text("01_a:\n  scale: 2.5\n")
+    assert reproduce.run_notebook(profiles.NOTEBOOKS_DIR / "07_summary.ipynb", "default").startswith("ran")
+    captured = capfd.readouterr()
+    assert "without encryption" not in captured.out + captured.err, captured.err
+    cells = json.loads((project / "executed" / "default" / "07_summary.ipynb").read_text())["cells"]
+    assert "".join(cells[-1]["outputs"][0]["text"]) == "ran\n"
+
+
+def test_the_test_session_stays_on_the_smoke_profile():
+    # runs after the reproduce tests above: nbval's notebooks read this variable from the environment
+    assert os.environ.get(profiles.SMOKE_ENV) == "1"
