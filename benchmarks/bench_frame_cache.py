@@ -2,8 +2,8 @@
 
 Both runs write the same frames (tests/test_frame_cache.py checks the bytes); each run starts
 from an empty cache. Clips are bench_frames.py's synthetic 320x240 H.264 clips. Each figure is
-the best of ``--repeats`` passes, alternating; the load average is printed, since other
-processes share the CPU.
+the best of ``--repeats`` passes, alternating; the load average before and after is printed,
+since other processes share the CPU (2 processes cannot reach 2x when others hold a core).
 
 Usage: .venv/bin/python benchmarks/bench_frame_cache.py [--clips 16] [--seconds 10] [--repeats 3]
 """
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "ds"
         (root / "videos").mkdir(parents=True)
@@ -44,7 +45,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 frame_cache(ds, ids, cache_dir, workers=workers)
                 best[workers] = min(best[workers], time.perf_counter() - t0)
-    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.clips} clips of {args.seconds} s")
+    print(f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, on {os.cpu_count()} CPUs; "
+          f"{args.clips} clips of {args.seconds} s")
     for workers, seconds in best.items():
         print(f"  {workers} process(es): {seconds:7.3f} s  {args.clips / seconds:6.1f} clips/s")
     print(f"  speed-up 2 / 1 processes: {best[1] / best[2]:.2f}x (goal >= 1.7x)")

@@ -14,19 +14,29 @@ CenterCrop(224) as uint8; normalisation is the encoder's job and is left out of 
 
 Clips: (a) synthetic H.264 clips written with PyAV (320x240 like MSR-VTT, 10 s, 10 to 30 fps
 including 29.97, libx264 default preset: B-frames, key frame every 250 frames); (b) the two real
-MSR-VTT clips from ../shared/data when present. Each figure is the best of ``--repeats`` passes,
-the two readers alternating. The machine's load average is printed: other processes share the CPU.
+MSR-VTT clips from ../shared/data when present. Each figure is the sum over clips of each clip's
+best time in ``--repeats`` passes; the readers read each clip back to back, taking turns to go
+first, so that the load of other processes on a shared machine (its load average is printed)
+falls on all of them alike.
+
+``--baseline FILE`` adds a third reader, ``sample_frames`` of another version of
+``vidret_lib/frames.py`` loaded from FILE, for A/B timing of a change (issue 10: "no benchmark got
+slower on MP4 by more than 10%"), e.g. the decord-only sampler of commit 2f1418e:
+``git show 2f1418e:vidret_lib/frames.py > /tmp/frames_2f1418e.py``.
 
 Usage: .venv/bin/python benchmarks/bench_frames.py [--quick] [--clips 20] [--seconds 10] [--repeats 3]
+       [--baseline FILE]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import av
 import cv2
@@ -84,32 +94,50 @@ def clip4clip_opencv(path: Path, max_frames: int = MAX_FRAMES, size: int = SIZE)
     return frames, mask
 
 
-def run(clips: list[Path], repeats: int) -> dict[str, float]:
-    """Best-of-``repeats`` seconds per reader over ``clips``; checks both give the same frames."""
-    readers = {"decord": sample_frames, "opencv": clip4clip_opencv}
-    best = {name: float("inf") for name in readers}
-    outputs: dict[str, list] = {}
-    for _ in range(repeats):
-        for name, read in readers.items():
-            t0 = time.perf_counter()
-            outputs[name] = [read(c) for c in clips]
-            best[name] = min(best[name], time.perf_counter() - t0)
-    diffs = [np.abs(a[0].astype(np.int16) - b[0]).mean() for a, b in zip(outputs["decord"], outputs["opencv"])]
-    assert all((a[1] == b[1]).all() for a, b in zip(outputs["decord"], outputs["opencv"])), "masks differ"
-    best["frames"] = sum(int(f[1].sum()) for f in outputs["decord"])
-    best["max_mean_abs_diff"] = max(diffs)
-    return best
+def run(readers: dict[str, Callable], clips: list[Path], repeats: int) -> dict:
+    """Per reader, the sum over ``clips`` of each clip's best time in ``repeats`` passes
+    (``"seconds"``), the mean absolute difference of its frames from OpenCV's, worst clip
+    (``"diff"``, grey levels), and the number of sampled frames (``"frames"``). Checks that every
+    reader gives OpenCV's masks."""
+    names = list(readers)
+    best = {name: [float("inf")] * len(clips) for name in names}
+    outputs: dict[str, list] = {name: [None] * len(clips) for name in names}
+    for r in range(repeats):
+        for i, clip in enumerate(clips):
+            first = (r + i) % len(names)  # each reader takes its turn to go first
+            for name in names[first:] + names[:first]:
+                t0 = time.perf_counter()
+                outputs[name][i] = readers[name](clip)
+                best[name][i] = min(best[name][i], time.perf_counter() - t0)
+    reference = outputs["opencv"]
+    for name, out in outputs.items():
+        assert all((a[1] == b[1]).all() for a, b in zip(out, reference)), f"{name}: masks differ from opencv's"
+    diff = {name: max(np.abs(a[0].astype(np.int16) - b[0]).mean() for a, b in zip(out, reference))
+            for name, out in outputs.items()}
+    seconds = {name: sum(times) for name, times in best.items()}
+    return {"seconds": seconds, "diff": diff, "frames": sum(int(f[1].sum()) for f in reference)}
 
 
-def report(label: str, clips: list[Path], res: dict[str, float]) -> None:
-    n, frames = len(clips), res["frames"]
-    print(f"\n{label}: {n} clips, {frames} sampled frames; outputs differ by at most "
-          f"{res['max_mean_abs_diff']:.3f} grey levels (mean abs)")
-    print(f"  {'reader':8} {'seconds':>8} {'clips/s':>8} {'frames/s':>9}")
-    for name in ("decord", "opencv"):
-        s = res[name]
-        print(f"  {name:8} {s:8.3f} {n / s:8.1f} {frames / s:9.1f}")
-    print(f"  speed-up decord / opencv: {res['opencv'] / res['decord']:.2f}x (goal >= 2x)")
+def report(label: str, clips: list[Path], res: dict) -> None:
+    n, frames, seconds = len(clips), res["frames"], res["seconds"]
+    print(f"\n{label}: {n} clips, {frames} sampled frames")
+    print(f"  {'reader':8} {'seconds':>8} {'clips/s':>8} {'frames/s':>9} {'vs opencv (mean abs)':>21}")
+    for name, s in seconds.items():
+        print(f"  {name:8} {s:8.3f} {n / s:8.1f} {frames / s:9.1f} {res['diff'][name]:21.3f}")
+    print(f"  speed-up decord / opencv: {seconds['opencv'] / seconds['decord']:.2f}x (goal >= 2x)")
+    if "baseline" in seconds:
+        change = seconds["decord"] / seconds["baseline"] - 1
+        print(f"  decord vs baseline: {100 * change:+.1f}% time (goal: at most +10%)")
+
+
+def load_baseline(path: Path) -> Callable:
+    """``sample_frames`` of the ``frames.py`` at ``path``, imported as a standalone module."""
+    spec = importlib.util.spec_from_file_location("baseline_frames", path) if path.is_file() else None
+    if spec is None:
+        raise SystemExit(f"--baseline {path}: not a .py file; write one: git show REV:vidret_lib/frames.py > FILE.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sample_frames
 
 
 def main() -> None:
@@ -118,8 +146,13 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=20)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="another frames.py to time against (A/B)")
     args = parser.parse_args()
     n_clips, repeats = (6, 1) if args.quick else (args.clips, args.repeats)
+    readers = {"decord": sample_frames}
+    if args.baseline:  # next to decord, so that the two mostly run back to back
+        readers["baseline"] = load_baseline(args.baseline)
+    readers["opencv"] = clip4clip_opencv
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; decord num_threads=1, one process")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -131,10 +164,10 @@ def main() -> None:
         kbps = np.mean([p.stat().st_size * 8 / 1000 / args.seconds for p in synthetic])
         print(f"wrote {n_clips} synthetic clips (320x240, {args.seconds} s, {kbps:.0f} kbit/s) "
               f"in {time.perf_counter() - t0:.1f} s")
-        report("synthetic", synthetic, run(synthetic, repeats))
+        report("synthetic", synthetic, run(readers, synthetic, repeats))
     real = [p for p in REAL_CLIPS if p.exists()]
     if real:
-        report("real MSR-VTT", real, run(real, repeats))
+        report("real MSR-VTT", real, run(readers, real, repeats))
     else:
         print(f"\nreal MSR-VTT clips absent from {SHARED_DATA}: skipped")
 

@@ -118,6 +118,41 @@ def test_buffer_moves_with_to_and_computation_follows_input():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_weights_equal_repeated_rows(dtype):
+    # EM on x with row multiplicities == the plain-loop EM on the stack with each row repeated
+    counts = [3, 1, 2, 1, 4]
+    x = features(n=len(counts), d=7, seed=2, dtype=dtype)
+    emcl = EMCL(momentum=0.9, **TRAINING).to(dtype).train()
+    before = emcl.mu.clone()
+    repeated = [row for row, c in zip(x.double().tolist(), counts) for _ in range(c)]
+    mu, z, x_hat = ref_emcl(repeated, before[0].double().tolist(), TRAINING["stage_num"], TRAINING["lamd"])
+    first = [sum(counts[:r]) for r in range(len(counts))]  # each distinct row's first copy in the stack
+    for r, c in enumerate(counts):  # every copy of a row gets the same bases row
+        for copy in range(1, c):
+            torch.testing.assert_close(torch.tensor(mu[first[r] + copy]), torch.tensor(mu[first[r]]), rtol=1e-9, atol=0)
+    weights = torch.tensor(counts, dtype=dtype)
+    bases, resp = emcl.em(x, weights)
+    close(bases, [mu[i] for i in first], dtype)
+    close(resp, z, dtype)
+    y = emcl(x, weights)
+    rows = x.double().tolist()
+    close(y, [[a + TRAINING["beta"] * b for a, b in zip(rows[r], x_hat[first[r]])] for r in range(len(counts))], dtype)
+    # momentum update: the mean over all N = 11 rows of the stack
+    mean = [sum(row[j] for row in mu) / len(mu) for j in range(TRAINING["k"])]
+    close(emcl.mu, 0.9 * before.double() + 0.1 * torch.tensor([mean], dtype=torch.float64), dtype)
+    # all-ones weights are the plain stack
+    ones = EMCL(k=3).to(dtype).eval()
+    assert torch.allclose(ones(x, torch.ones(len(x), dtype=dtype)), ones(x), **TOL[dtype])
+
+
+def test_bad_weights_raise():
+    x = features(n=4, d=3)
+    for bad in (torch.ones(3), torch.ones(4, 1), torch.tensor([1.0, 0.0, 2.0, 1.0])):
+        with pytest.raises(ValueError, match=r"one positive multiplicity per row of x, shape \(4,\)"):
+            EMCL(k=2)(x, bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_no_gradient_through_reconstruction(dtype):
     emcl = EMCL(k=4).train()
     x = features(dtype=dtype).requires_grad_(True)

@@ -189,12 +189,31 @@ def test_similarity_meanp_matches_naive(dtype):
     assert torch.allclose(sim, torch.tensor(naive_cos(t, pooled), dtype=dtype), **TOL[dtype])
 
 
+def naive_emcl_block(emcl, text, pooled, rows):
+    """Scores (N, V) of one block by an explicit loop over the rows EMCL is fed (EMCL-Net get_logits)."""
+    n, v = len(text), len(pooled)
+    stack, row_of = [], {}  # X as a list of rows; row_of[(i, j)] = the video row text i meets for video j
+    for i in range(n):
+        for j in range(v):
+            if rows == "pairs":  # one row per (text, video) pair: video j's pooled vector, again for each text
+                row_of[i, j] = len(stack)
+                stack.append(pooled[j])
+            elif i == 0:  # "stacked": each video once
+                stack.append(pooled[j])
+            if rows == "stacked":
+                row_of[i, j] = j
+    text_row = [len(stack) + i for i in range(n)]
+    y = emcl(torch.stack(stack + list(text)))  # Y = X + beta * X_hat on the whole block
+    return [[naive_cos(y[text_row[i]][None], y[row_of[i, j]][None])[0][0] for j in range(v)] for i in range(n)]
+
+
+@pytest.mark.parametrize("rows", ["pairs", "stacked"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_similarity_with_emcl_runs_on_blocks(dtype):
+def test_similarity_with_emcl_runs_on_blocks(dtype, rows):
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
     emcl = EMCL(k=4, stage_num=3)
-    model = RetrievalModel(6, emcl=emcl, emcl_block=2).to(dtype).eval()
+    model = RetrievalModel(6, emcl=emcl, emcl_block=2, emcl_rows=rows).to(dtype).eval()
     text = torch.randn(5, 6, generator=g, dtype=dtype)
     video = torch.randn(3, 4, 6, generator=g, dtype=dtype)
     mask = torch.ones(3, 4, dtype=torch.bool)
@@ -202,17 +221,42 @@ def test_similarity_with_emcl_runs_on_blocks(dtype):
         sim = model.similarity(text, video, mask)
         raw_v = video.mean(1)  # un-normalised pooled video fed to EMCL (EMCL-Net)
         expected = torch.empty(5, 3, dtype=dtype)
-        for i in range(0, 5, 2):
+        for i in range(0, 5, 2):  # 2 x 2 blocks, ragged at the edges as EMCL-Net's torch.split
             for j in range(0, 3, 2):
-                ti, vj = text[i:i + 2], raw_v[j:j + 2]
-                y = emcl(torch.cat([vj, ti]))  # [videos of the block; texts of the block]
-                yv, yt = y[: len(vj)], y[len(vj):]
-                expected[i:i + 2, j:j + 2] = torch.tensor(naive_cos(yt, yv), dtype=dtype)
+                block = naive_emcl_block(emcl, text[i:i + 2], raw_v[j:j + 2], rows)
+                expected[i:i + 2, j:j + 2] = torch.tensor(block, dtype=dtype)
     assert torch.allclose(sim, expected, **TOL[dtype])
     # a pair's score depends on its block (pitfall 4): one big block gives other scores
     model.emcl_block = 8
     with torch.no_grad():
         assert not torch.allclose(model.similarity(text, video, mask), sim, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emcl_rows_in_training_match_naive_and_differ(dtype):
+    # training calls scores() on the whole batch (train mode): the same rows, one bases update per call
+    g = torch.Generator().manual_seed(4)
+    text, vision = torch.randn(4, 6, generator=g, dtype=dtype), torch.randn(4, 6, generator=g, dtype=dtype)
+    out = {}
+    for rows in ("pairs", "stacked"):
+        torch.manual_seed(0)
+        model = RetrievalModel(6, emcl=EMCL(k=3, stage_num=4), emcl_rows=rows).to(dtype).train()
+        reference = EMCL(k=3, stage_num=4).to(dtype).train()
+        reference.mu.copy_(model.emcl.mu)
+        expected = torch.tensor(naive_emcl_block(reference, text, vision, rows), dtype=dtype)
+        out[rows] = model.scores(text, vision)
+        assert torch.allclose(out[rows], expected, **TOL[dtype])
+        assert torch.allclose(model.emcl.mu, reference.mu, **TOL[dtype])  # the same momentum update
+        x, weights = model.emcl_input(text, vision)  # [videos; texts], videos counted once per text for "pairs"
+        assert torch.equal(x, torch.cat([vision, text]))
+        assert weights.tolist() == [4.0 if rows == "pairs" else 1.0] * 4 + [1.0] * 4
+    # the 16 repeated video rows weigh on EM: the two row sets give different scores
+    assert not torch.allclose(out["pairs"], out["stacked"], atol=1e-4)
+
+
+def test_emcl_rows_unknown_is_refused():
+    with pytest.raises(ValueError, match="emcl_rows 'videos'.*pairs"):
+        RetrievalModel(4, emcl=EMCL(k=2), emcl_rows="videos")
 
 
 def test_model_modalities_and_errors():

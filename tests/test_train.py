@@ -411,3 +411,10 @@ def test_training_masks_same_video_and_same_sentence_pairs(monkeypatch, mode):
         expected = torch.tensor([[i != j and (cv[a] == cv[b] or a in (1, 7) and b in (1, 7))
                                   for j, b in enumerate(caps.tolist())] for i, a in enumerate(caps.tolist())])
         assert torch.equal(got.cpu(), expected)
+
+
+def test_emcl_rows_reach_the_model():
+    assert build_model(TrainConfig(emcl=True, emcl_k=4), 8).emcl_rows == "pairs"  # EMCL-Net's rows by default
+    assert build_model(TrainConfig(emcl=True, emcl_k=4, emcl_rows="stacked"), 8).emcl_rows == "stacked"
+    with pytest.raises(ValueError, match="unknown emcl_rows 'videos'"):
+        TrainConfig(emcl=True, emcl_rows="videos").validate()

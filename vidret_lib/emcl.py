@@ -3,11 +3,15 @@
 The same arithmetic as the ``Emcl`` class of ``jpthu17/EMCL``
 (``video_retrieval/EMCL-Net/tvr/models/until_module.py``), re-expressed as an
 ``nn.Module`` whose persistent bases are a registered buffer (saved in checkpoints,
-moved by ``.to()``). EMCL-Net applies it to ``X = [pooled videos; texts]`` (2B, D),
-un-normalised, before L2-normalising each row for the cosine; the training loss stays
-plain symmetric InfoNCE. In training the batch is the all-gathered one, and at
-inference EMCL-Net runs it on 32 x 32 evaluation blocks, so a pair's score depends on
-the other members of its block (papers.md pitfall 4).
+moved by ``.to()``). EMCL-Net applies it to the rows it is about to compare, un-normalised,
+before L2-normalising each row for the cosine (``get_logits`` in
+``video_retrieval/EMCL-Net/tvr/models/modeling.py``): one text-conditioned pooled video per
+(text, video) pair, then the texts -- ``B * B + B`` rows (16,512 for the all-gathered
+training batch of 128) and ``32 * 32 + 32 = 1,056`` rows per 32 x 32 evaluation block, so a
+pair's score depends on the other members of its block (papers.md pitfall 4). Its
+inference-module variant (CLIP2Video) stacks ``[videos; texts]`` instead. The training loss
+stays plain symmetric InfoNCE. Which rows vidret stacks is
+:class:`vidret_lib.heads.RetrievalModel`'s ``emcl_rows``.
 """
 from __future__ import annotations
 
@@ -42,6 +46,17 @@ class EMCL(nn.Module):
     inference-module variant uses K=7, stage_num=10, lamd=0.1, beta=4 in eval mode.
     For the "rank of the learned bases" analysis call :meth:`em` on a batch.
 
+    **Repeated rows.** ``weights`` (N,) (optional, default all 1) gives each row of ``x`` a
+    multiplicity: EM on ``x`` with ``weights[r] = m`` equals EM on the stack in which row
+    ``r`` occurs ``m`` times (the copies get equal bases rows and equal outputs, so each
+    copy's output is that row's output). With the bases ``mu`` (N, K) of the distinct rows
+    and ``w = weights[:, None]``, the E-step's ``X^T mu`` becomes ``x^T (w * mu)``, the
+    M-step's column norm ``sqrt(sum_N w * mu^2)``, and the momentum update's ``mean_N``
+    the ``w``-weighted mean; with all weights 1 it is EMCL-Net's arithmetic.
+    This is how :class:`vidret_lib.heads.RetrievalModel` feeds EMCL-Net's per-pair video rows
+    (``N_text`` equal copies of each video row under a text-independent pooling) at the cost
+    of ``[videos; texts]``.
+
     Example:
         >>> emcl = EMCL(k=4)
         >>> emcl(torch.randn(6, 8)).shape, tuple(emcl.mu.shape)
@@ -68,34 +83,53 @@ class EMCL(nn.Module):
             f"lamd={self.lamd}, beta={self.beta}"
         )
 
+    @staticmethod
+    def _weights(x: Tensor, weights: Tensor | None) -> Tensor:
+        """Row multiplicities as a column (N, 1) in ``x``'s dtype/device; checks the shapes."""
+        if x.ndim != 2:
+            raise ValueError(f"EMCL expects features of shape (N, D); got {tuple(x.shape)}")
+        if weights is None:
+            return x.new_ones(len(x), 1)
+        if weights.shape != (len(x),) or not bool((weights > 0).all()):
+            raise ValueError(
+                f"EMCL weights must be one positive multiplicity per row of x, shape ({len(x)},); "
+                f"got shape {tuple(weights.shape)}" + ("" if weights.shape != (len(x),) else " with a value <= 0")
+            )
+        return weights.to(x)[:, None]
+
     @torch.no_grad()
-    def em(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def em(self, x: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Run the EM iterations on ``x`` (N, D) from the current ``mu``; change no state.
 
-        Returns ``(bases, resp)``: the final bases ``mu`` (N, K), unit columns, and the
-        final normalised responsibilities ``Z`` (D, K); ``bases @ resp.T`` is ``X_hat``.
-        ``torch.linalg.svdvals(bases)`` shows how many independent bases were learned.
+        ``weights`` (N,), optional: each row's multiplicity (see the class docstring).
+        Returns ``(bases, resp)``: the final bases ``mu`` (N, K), unit columns (in the
+        ``weights``-weighted norm), and the final normalised responsibilities ``Z`` (D, K);
+        ``bases @ resp.T`` is ``X_hat``. ``torch.linalg.svdvals(bases)`` shows how many
+        independent bases were learned. Raises ``ValueError`` for a non-2-D ``x`` or bad weights.
 
         Example:
             >>> bases, resp = EMCL(k=3).em(torch.randn(5, 7))
             >>> tuple(bases.shape), tuple(resp.shape)
             ((5, 3), (7, 3))
         """
-        if x.ndim != 2:
-            raise ValueError(f"EMCL expects features of shape (N, D); got {tuple(x.shape)}")
+        w = self._weights(x, weights)  # (N, 1) multiplicities, 1 = EMCL-Net's plain stack
         bases = self.mu.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1)  # (N, K)
         for _ in range(self.stage_num):
-            resp = torch.softmax(x.T @ bases / self.lamd, dim=1)  # E-step (D, K): softmax over K
+            resp = torch.softmax(x.T @ (w * bases) / self.lamd, dim=1)  # E-step (D, K): softmax over K
             resp = resp / (1e-6 + resp.sum(dim=0, keepdim=True))  # (D, K): normalise over D
             bases = x @ resp  # M-step (N, K): mu = X Z
-            bases = bases / (1e-6 + bases.norm(dim=0, keepdim=True))  # (N, K): unit columns
+            bases = bases / (1e-6 + (w.sqrt() * bases).norm(dim=0, keepdim=True))  # (N, K): unit columns
         return bases, resp
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``Y = X + beta * X_hat`` for ``x`` (N, D); train mode also updates ``mu``."""
-        bases, resp = self.em(x)  # (N, K), (D, K), both without gradient
+    def forward(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+        """``Y = X + beta * X_hat`` for ``x`` (N, D), rows weighted by ``weights`` (N,) if given.
+
+        Train mode also updates ``mu`` (one momentum step per call).
+        """
+        bases, resp = self.em(x, weights)  # (N, K), (D, K), both without gradient
         x_hat = bases @ resp.T  # (N, D) reconstruction from the K bases
         if self.training:  # initial value maintenance: momentum update of the (1, K) buffer
-            new = bases.mean(dim=0, keepdim=True).to(self.mu)  # (1, K) mean over N, no grad
+            w = self._weights(x, weights)
+            new = ((w * bases).sum(dim=0, keepdim=True) / w.sum()).to(self.mu)  # (1, K) mean over the N rows
             self.mu.mul_(self.momentum).add_(new, alpha=1.0 - self.momentum)
         return x + self.beta * x_hat

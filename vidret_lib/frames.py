@@ -30,13 +30,21 @@ Two decoders pick the same source frames (frame ``i`` = the ``i``-th frame in pr
   Its frame count is the number of decoded frames (OpenCV estimates ``duration * fps`` on
   containers without ``nb_frames``, which can differ by a few frames).
 
+Which decoder runs is decided without decoding a frame: PyAV opens the file for its container,
+codec, size, frame rate and frame count (``skip_frame=all``: FFmpeg's stream probe decodes
+nothing either), and for H.264 in MP4/MOV the display rotation is read from the ``moov`` box
+(:func:`_mp4_rotation`). This costs ~2 ms a clip, ~1% of sampling 12 frames of a 320x240 clip
+with decord (``benchmarks/bench_frames.py --baseline``, against the decord-only sampler).
+
 Each returned frame comes with its presentation time (``SampledClip.times``) and the decoder
 that produced it (``SampledClip.decoder``), stored by the frame cache.
 
 **Rotation.** A video whose display matrix says "rotate by 90/180/270 degrees" (phone videos)
 is returned upright, as players show it and as CLIP4Clip's OpenCV reads it (OpenCV >= 4.5
 applies the rotation by default, ``CAP_PROP_ORIENTATION_AUTO``); captions describe the upright
-video.
+video. Which MP4 is rotated is read from the container's display matrix, as OpenCV does; a
+rotation carried only inside an H.264 stream (a display-orientation SEI message) goes unseen
+there, as by OpenCV.
 
 **Resolution guard.** Videos above ``MAX_PIXELS`` (4K UHD, 3840 x 2160) are refused with
 :class:`VideoDecodeError` naming the file, its size and the ffmpeg command that downscales it,
@@ -53,8 +61,11 @@ to transcode it. Callers mask such videos (see :mod:`vidret_lib.frame_cache`).
 """
 from __future__ import annotations
 
+import io
+import math
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -108,7 +119,6 @@ class _Probe(NamedTuple):
     codec: str  # FFmpeg's codec name
     frames: int  # nb_frames from the container, 0 when unknown
     fps: float  # average frame rate
-    rotation: int  # display rotation in degrees (counter-clockwise), 0 when upright
 
 
 def clip4clip_frame_indices(path: str | os.PathLike, max_frames: int = 12, sample_fps: int = 1) -> list[int]:
@@ -194,10 +204,12 @@ def _sample(
     if max_frames < 1 or sample_fps < 1:
         raise ValueError(f"max_frames ({max_frames}) and sample_fps ({sample_fps}) must be >= 1")
     probe = _probe(path)
-    if probe.format == DECORD_FORMAT and probe.codec in DECORD_CODECS and probe.rotation == 0:
-        reader = _open_decord(path, probe)
-        if reader is not None:
-            return _sample_decord(path, reader, max_frames, sample_fps, convert)
+    if probe.format == DECORD_FORMAT and probe.codec in DECORD_CODECS and _mp4_rotation(path) == 0:
+        decoded = _sample_decord(path, probe, max_frames, sample_fps, decode=convert is not None)
+        if decoded is not None:
+            indices, times, rgb = decoded  # decord's reader is gone by now (see _sample_decord)
+            frames = [] if convert is None else [convert(frame) for frame in rgb]
+            return indices, times, frames, DECODERS["decord"]
     return _sample_pyav(path, probe, max_frames, sample_fps, convert)
 
 
@@ -211,14 +223,18 @@ def _check_file(path: Path) -> None:
 
 
 def _probe(path: Path) -> _Probe:
-    """Container, codec, size and rotation (from the first frame), read with PyAV.
+    """Container, codec, frame count and frame rate, read with PyAV (no frame is decoded).
 
     Raises :class:`VideoDecodeError`: not a file FFmpeg can open (corrupt), a still image,
     no video stream, a codec FFmpeg cannot decode (unsupported), or above ``MAX_PIXELS``.
     """
     _check_file(path)
     try:
-        container = av.open(str(path))
+        # skip_frame=all: only the container's facts are read here; without it FFmpeg's stream
+        # probe (avformat_find_stream_info) decodes up to 7 H.264 frames to guess the reordering
+        # delay: ~5 of the ~7 ms this open took on a 320x240 clip (the decoders open the file
+        # again themselves). Only the pixel format, unused here, is then left unknown.
+        container = av.open(str(path), options={"skip_frame": "all"})
     except av.error.FFmpegError as err:
         raise VideoDecodeError(
             path, f"FFmpeg cannot open it ({_short(err)}): truncated, corrupt or not a video; re-download or remove it"
@@ -242,21 +258,90 @@ def _probe(path: Path) -> _Probe:
                 "`ffmpeg -i IN -vf scale=-2:720 -c:v libx264 -pix_fmt yuv420p OUT.mp4`",
             )
         rate = stream.average_rate or stream.guessed_rate or 0
-        codec.thread_count = 1  # FFmpeg's thread pool costs more than the one frame decoded here
-        first = _first_frame(path, container, stream)
-        return _Probe(name, codec.name, stream.frames or 0, float(rate), int(first.rotation) % 360)
+        return _Probe(name, codec.name, stream.frames or 0, float(rate))
 
 
-def _first_frame(path: Path, container, stream) -> av.VideoFrame:
-    codec = stream.codec_context.name
-    try:
-        return next(container.decode(stream))
-    except StopIteration:
-        raise VideoDecodeError(path, "has no decodable frame: truncated or corrupt; re-download or remove it") from None
-    except av.error.DecoderNotFoundError:
-        raise VideoDecodeError(path, f"unsupported codec/container ({codec}): {TRANSCODE}") from None
-    except av.error.FFmpegError as err:
-        raise VideoDecodeError(path, f"the first frame cannot be decoded ({_short(err)}): the file is corrupt") from None
+def _mp4_rotation(path: Path) -> int | None:
+    """Display rotation (whole degrees counter-clockwise, in [-180, 180], as PyAV's
+    ``VideoFrame.rotation``) of the first video track of an MP4/MOV file, read from its boxes
+    without decoding a frame.
+
+    As FFmpeg's mov demuxer (FFmpeg ``libavformat/mov.c``, ``mov_read_tkhd``): the track's
+    ``tkhd`` matrix times the movie's ``mvhd`` matrix is the display matrix, whose rotation is
+    ``av_display_rotation_get`` (``libavutil/display.c``). OpenCV rotates by the same matrix
+    (``CAP_PROP_ORIENTATION_AUTO``). Returns None when the boxes cannot be read (no ``moov``,
+    no video track, damaged sizes, a degenerate matrix): PyAV then decodes the file and turns
+    each frame as FFmpeg reports it.
+    """
+    with open(path, "rb") as f:
+        moov = _find(f, 0, os.fstat(f.fileno()).st_size, b"moov")
+        if moov is None:
+            return None
+        f.seek(moov[0])
+        data = io.BytesIO(f.read(moov[1] - moov[0]))  # the index only: tens of KB for a short clip
+    end = moov[1] - moov[0]
+    mvhd = _find(data, 0, end, b"mvhd")
+    for kind, *trak in _boxes(data, 0, end):
+        if kind != b"trak":
+            continue
+        mdia, tkhd = _find(data, *trak, b"mdia"), _find(data, *trak, b"tkhd")
+        hdlr = None if mdia is None else _find(data, *mdia, b"hdlr")
+        # handler_type follows version/flags and pre_defined (8.4.3); "vide" marks a video track
+        if hdlr is None or tkhd is None or _read(data, hdlr[0] + 8, 4) != b"vide":
+            continue
+        # the matrix follows version/flags, times, ids and durations (64-bit in version 1), then
+        # layer/group/volume (tkhd, ISO/IEC 14496-12 8.3.2) or rate/volume (mvhd, 8.2.2)
+        track = _matrix(data, tkhd, offsets=(40, 52))
+        movie = np.eye(3) if mvhd is None else _matrix(data, mvhd, offsets=(36, 48))
+        if track is None or movie is None:
+            return None
+        (a, b, _), (c, d, _), _ = track @ movie  # the display matrix (a b u; c d v; x y w), as mov_read_tkhd
+        scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)  # av_display_rotation_get from here on
+        if not scale_x or not scale_y:
+            return None
+        return int(-math.degrees(math.atan2(b / scale_y, a / scale_x)))  # truncated, as PyAV
+    return None
+
+
+def _boxes(f, start: int, end: int):
+    """``(type, payload start, payload end)`` of each ISO BMFF box in ``f[start:end]`` (a binary
+    file). A box is a 32-bit big-endian size (1: a 64-bit size follows the type; 0: up to
+    ``end``) and a 4-byte type (ISO/IEC 14496-12 4.2); a size that does not fit ends the walk."""
+    while start + 8 <= end:
+        head = _read(f, start, 16)
+        size, kind = struct.unpack_from(">I4s", head)
+        header = 16 if size == 1 else 8
+        if len(head) < header:
+            return
+        size = struct.unpack_from(">Q", head, 8)[0] if size == 1 else size or end - start
+        if not header <= size <= end - start:
+            return
+        yield kind, start + header, start + size
+        start += size
+
+
+def _find(f, start: int, end: int, kind: bytes) -> tuple[int, int] | None:
+    """Payload ``(start, end)`` of the first box of type ``kind`` in ``f[start:end]``, or None."""
+    return next(((s, e) for k, s, e in _boxes(f, start, end) if k == kind), None)
+
+
+def _read(f, offset: int, n: int) -> bytes:
+    """Up to ``n`` bytes of the binary file ``f`` from ``offset`` (fewer at its end)."""
+    f.seek(offset)
+    return f.read(n)
+
+
+def _matrix(f, payload: tuple[int, int], offsets: tuple[int, int]) -> np.ndarray | None:
+    """The 3x3 transformation matrix in the full box whose payload is ``f[payload[0]:payload[1]]``,
+    ``offsets[version]`` bytes in (version 0 or 1, the payload's first byte): 9 big-endian int32
+    ``a b u c d v x y w``, 16.16 fixed point except ``u v w`` (2.30), as float64 (ISO/IEC
+    14496-12 6.2.2); None when the box ends first."""
+    start, stop = payload
+    offset = start + offsets[_read(f, start, 1) == b"\x01"]
+    if offset + 36 > stop:
+        return None
+    values = np.array(struct.unpack(">9i", _read(f, offset, 36)), np.float64).reshape(3, 3)
+    return values / np.array([2.0**16, 2.0**16, 2.0**30])  # column 2 is 2.30, the others 16.16
 
 
 def _open_decord(path: Path, probe: _Probe) -> decord.VideoReader | None:
@@ -270,24 +355,34 @@ def _open_decord(path: Path, probe: _Probe) -> decord.VideoReader | None:
     return reader if len(reader) == probe.frames else None
 
 
-def _sample_decord(path, reader, max_frames, sample_fps, convert):
-    """decord decodes forward and seeks only when the next index lies past a later key frame.
+def _sample_decord(
+    path: Path, probe: _Probe, max_frames: int, sample_fps: int, decode: bool
+) -> tuple[list[int], list[float], np.ndarray] | None:
+    """Chosen indices, their times and, if ``decode``, their RGB frames ``(n, H, W, 3)`` uint8 read
+    with decord (an empty array otherwise); None where decord is not used (:func:`_open_decord`).
+
+    decord decodes forward and seeks only when the next index lies past a later key frame. Its
+    reader is dropped on return, before the caller resizes the frames: while it lives, its
+    decoding thread keeps decoding frames nobody asked for (~10 ms of CPU a 320x240 clip here,
+    ``benchmarks/bench_frames.py --baseline``).
 
     A frame FFmpeg cannot decode means the file is damaged: decord reports such errors from its
     decoder thread, a frame or two late, so "the first unreadable frame" of a damaged file is
     not well defined; the whole file is rejected instead.
     """
+    reader = _open_decord(path, probe)
+    if reader is None:
+        return None
     fps = int(reader.get_avg_fps())  # CLIP4Clip: int(cap.get(CAP_PROP_FPS)), 29.97 -> 29
     candidates = _candidates(path, len(reader), fps, sample_fps)
     indices = [candidates[i] for i in _keep(len(candidates), max_frames)]
     times = reader.get_frame_timestamp(indices)[:, 0].astype(np.float64).tolist()
-    if convert is None:
-        return indices, times, [], DECODERS["decord"]
+    if not decode:
+        return indices, times, np.empty((0, 0, 0, 3), np.uint8)
     try:
-        rgb = reader.get_batch(indices).asnumpy()
+        return indices, times, reader.get_batch(indices).asnumpy()
     except decord.DECORDError as err:
         raise VideoDecodeError(path, f"a frame cannot be decoded ({_short(err)}): the file is corrupt") from None
-    return indices, times, [convert(frame) for frame in rgb], DECODERS["decord"]
 
 
 def _sample_pyav(path, probe, max_frames, sample_fps, convert):
@@ -311,6 +406,8 @@ def _sample_pyav(path, probe, max_frames, sample_fps, convert):
                 count += 1
     except av.error.FFmpegError as err:
         raise VideoDecodeError(path, f"a frame cannot be decoded ({_short(err)}): the file is corrupt") from None
+    if count == 0:
+        raise VideoDecodeError(path, "has no decodable frame: truncated or corrupt; re-download or remove it")
     if probe.frames and count < probe.frames:
         raise VideoDecodeError(path, f"only {count} of its {probe.frames} frames decode: truncated or corrupt")
     chosen = [kept[i] for i in _keep(len(kept), max_frames)]

@@ -6,7 +6,10 @@ The pipeline of :class:`RetrievalModel` (shapes: N captions, V videos, T frames,
     video (V, T, D)-> video adapter -> temporal -> frames (V, T, D)
                       meanP pooling: normalise each frame, masked mean, normalise  -> v (V, D)
     [MBVR]  title (V, D) -> title adapter, normalise -> F_t;  F_m = fusion(F_v = v, F_t)
-    [EMCL]  Y = EMCL([masked_mean(frames); t]) (un-normalised, EMCL-Net), split, normalise
+    [EMCL]  v = masked_mean(frames) (un-normalised, EMCL-Net); per block of N texts x V videos,
+            emcl_rows="pairs":   Y = EMCL([v; t]) with each video row counted N times (EMCL-Net's N*V + N rows)
+            emcl_rows="stacked": Y = EMCL([v; t]) (V + N rows)
+            score[i, j] = cos(Y_t[i], Y_v[j])
     similarity = cos(t, video embedding)                                     (N, V)
 
 Every L2 normalisation is :func:`vidret_lib.losses.safe_normalize`: equal to ``F.normalize``
@@ -41,6 +44,7 @@ Tensor = torch.Tensor
 __all__ = [
     "HEADS",
     "MODALITIES",
+    "EMCL_ROWS",
     "identity_adapter",
     "masked_mean",
     "mean_pool",
@@ -55,6 +59,7 @@ __all__ = [
 
 HEADS = ("meanP", "seqTransf")
 MODALITIES = ("fused", "vision", "title")
+EMCL_ROWS = ("pairs", "stacked")  # what RetrievalModel stacks into EMCL's X (see RetrievalModel.emcl_input)
 MASK_BIAS = -1e6  # CLIP4Clip's additive attention mask for padded frames
 SEQ_LAYERNORM_EPS = 1e-12  # CLIP4Clip modules/module_cross.py LayerNorm (TF style)
 
@@ -241,12 +246,30 @@ class RetrievalModel(nn.Module):
     """Text adapter + video head (+ MBVR fusion) (+ EMCL) (+ CLIP towers in end-to-end mode).
 
     ``similarity(text, video, mask) -> (N_text, N_video)`` cosine scores. With EMCL the
-    scores of each ``emcl_block x emcl_block`` block of (texts, videos) are computed on
-    ``EMCL([videos of the block; texts of the block])``, as EMCL-Net evaluates (so a
-    pair's score depends on its block, papers.md pitfall 4). EMCL as an inference-only
-    module (EMCL-Net's CLIP2Video variant): assign ``model.emcl = EMCL(...)`` to a trained
-    model and call ``model.eval()``. ``clip`` holds the open_clip towers in end-to-end mode
-    (parameter names ``clip.*`` train at ``lr * coef_lr``).
+    scores of each ``emcl_block x emcl_block`` block of (texts, videos) are computed by
+    :meth:`scores` on that block alone, as EMCL-Net evaluates (so a pair's score depends on
+    its block, papers.md pitfall 4); training calls :meth:`scores` on the whole batch, so
+    both feed EMCL the same kind of rows, chosen by ``emcl_rows`` (:meth:`emcl_input`):
+
+    - ``"pairs"`` (default, EMCL-Net's training layer): one video row per (text, video)
+      pair, then the texts -- ``N * V + N`` rows (1,056 for a 32 x 32 block, 16,512 for a
+      batch of 128), as ``get_logits`` in ``jpthu17/EMCL``
+      ``video_retrieval/EMCL-Net/tvr/models/modeling.py``. There the pair rows are
+      text-conditioned poolings of the frames; our pooling is not, so the pair row
+      ``(i, j)`` is video ``j``'s pooled vector, the same for every text ``i``. EM sees the
+      repeats, as EMCL-Net's would with a pooling that ignores the text: they are fed as
+      ``[videos; texts]`` with each video row's multiplicity N (``EMCL(x, weights)``, exactly
+      EM on the N * V + N rows), and all N copies of video ``j``'s row come out equal, so
+      pair (i, j) is scored on video ``j``'s output row.
+    - ``"stacked"``: ``[videos; texts]``, ``V + N`` rows (64 for a 32 x 32 block), as EMCL's
+      inference-module variant on CLIP2Video does (``video_retrieval/As_an_inference_module/
+      modules/modeling.py`` ``get_similarity_logits``; vidret's pre-issue-11 training layer).
+
+    EMCL as an inference-only module (EMCL-Net's CLIP2Video variant): assign
+    ``model.emcl = EMCL(...)`` (and ``model.emcl_rows = "stacked"``) to a trained model
+    and call ``model.eval()``. ``clip`` holds the open_clip towers in end-to-end mode
+    (parameter names ``clip.*`` train at ``lr * coef_lr``). Raises ``ValueError`` for an
+    unknown head or ``emcl_rows``, or ``use_title`` with EMCL.
     """
 
     def __init__(
@@ -258,10 +281,13 @@ class RetrievalModel(nn.Module):
         emcl_block: int = 32,
         seq_layers: int = 4,
         seq_init: SeqInit | None = None,
+        emcl_rows: str = "pairs",
     ) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
+        if emcl_rows not in EMCL_ROWS:
+            raise ValueError(f"unknown emcl_rows {emcl_rows!r}; choose one of {EMCL_ROWS}")
         if use_title and emcl is not None:
             raise ValueError("use_title and EMCL together are not supported: EMCL-Net has no title modality")
         self.dim, self.head_name, self.use_title, self.emcl_block = dim, head, use_title, emcl_block
@@ -270,7 +296,7 @@ class RetrievalModel(nn.Module):
         self.temporal = MeanP() if head == "meanP" else SeqTransf(dim, seq_layers, init=seq_init)
         self.title_adapter = identity_adapter(dim) if use_title else None
         self.fusion = TitleFusion(dim) if use_title else None
-        self.emcl = emcl
+        self.emcl, self.emcl_rows = emcl, emcl_rows
         self.clip: nn.Module | None = None  # open_clip towers, end-to-end mode only
 
     # ---------------------------------------------------------------- per-modality encoders
@@ -302,14 +328,45 @@ class RetrievalModel(nn.Module):
         return self.fusion(vision, title)
 
     # ---------------------------------------------------------------- scores
+    def emcl_input(self, text: Tensor, vision: Tensor) -> tuple[Tensor, Tensor]:
+        """EMCL's input for one batch/block: ``X = [vision; text]`` (V + N, D) and each row's multiplicity (V + N,).
+
+        ``text`` (N, D), ``vision`` (V, D), encoded. ``emcl_rows="pairs"``: each video row
+        counts N times (EMCL-Net's one row per (text, video) pair, equal under our
+        text-independent pooling), each text row once; ``"stacked"``: every row once.
+        Same dtype/device as the inputs.
+
+        Example:
+            >>> model = RetrievalModel(2, emcl=EMCL(k=2))
+            >>> x, weights = model.emcl_input(torch.zeros(3, 2), torch.ones(4, 2))
+            >>> tuple(x.shape), weights.tolist()
+            ((7, 2), [3.0, 3.0, 3.0, 3.0, 1.0, 1.0, 1.0])
+        """
+        x = torch.cat([vision, text])  # (V + N, D)
+        weights = x.new_ones(len(x))
+        if self.emcl_rows == "pairs":
+            weights[: len(vision)] = len(text)  # video j stands for its N pair rows (text i, video j)
+        return x, weights
+
+    def emcl_embeddings(self, text: Tensor, vision: Tensor) -> tuple[Tensor, Tensor]:
+        """EMCL's output rows ``Y`` for one batch/block, not normalised: text (N, D), video (V, D).
+
+        Pair (text i, video j) is scored on ``(text[i], video[j])``: with ``"pairs"`` every
+        one of video j's N pair rows has this output. Train mode updates the EMCL bases
+        (one call, one update).
+        """
+        x, weights = self.emcl_input(text, vision)
+        y = self.emcl(x, weights)  # (V + N, D)
+        return y[len(vision):], y[: len(vision)]
+
     def scores(self, text: Tensor, vision: Tensor, title: Tensor | None = None, modality: str = "fused") -> Tensor:
         """Cosine scores (N, V) from encoded text (N, D) and encoded video (V, D) of one batch/block.
 
-        With EMCL, ``Y = EMCL([vision; text])`` on this batch, then cosines of the rows of Y.
+        With EMCL, cosines of the rows of :meth:`emcl_embeddings` on this batch (EMCL-Net
+        ``get_logits``: the normalised text row against the normalised video row of the pair).
         """
         if self.emcl is not None:
-            y = self.emcl(torch.cat([vision, text], dim=0))  # (V + N, D): EMCL-Net's stacking
-            vision, text = y[: len(vision)], y[len(vision):]
+            text, vision = self.emcl_embeddings(text, vision)
         video = self.video_embedding(vision, title, modality)
         return safe_normalize(text) @ safe_normalize(video).T
 

@@ -85,7 +85,7 @@ from .clip4clip_recipe import (
     PRECISIONS, apply_clip4clip_freeze, clip4clip_step, plan_steps, precision_context, prepare_precision,
 )
 from .emcl import EMCL
-from .heads import HEADS, MODALITIES, RetrievalModel, clip_text_init
+from .heads import EMCL_ROWS, HEADS, MODALITIES, RetrievalModel, clip_text_init
 from .losses import (
     dual_softmax_loss, dual_softmax_rerank, infonce_loss, modality_shuffle_loss, safe_normalize, vsepp_loss,
 )
@@ -366,6 +366,11 @@ class TrainConfig:
     ``ms_dynamic_margin`` the margin of query b is ``ms_margin * (1 - cos(F_v_b, F_v_shuffled))``,
     larger for visually different negatives -- our explicit stand-in for MBVR's unpublished
     dynamic margin), ``alpha``/``beta``/``gamma`` (MBVR weights of L_v, L_t, L_ms).
+    EMCL: ``emcl_k``/``emcl_stage_num``/``emcl_momentum``/``emcl_lamd``/``emcl_beta`` (the
+    :class:`~vidret_lib.emcl.EMCL` module), ``emcl_eval_block`` (evaluation block size) and
+    ``emcl_rows``, the rows EMCL is fed in training and evaluation alike: ``"pairs"`` (EMCL-Net's,
+    one video row per (text, video) pair plus the texts) or ``"stacked"`` (``[videos; texts]``);
+    see :class:`~vidret_lib.heads.RetrievalModel`.
     ``allow_split_overlap=True`` lets :func:`train` accept train and val splits that share
     videos (:func:`check_disjoint`); leave it False unless the overlap is the experiment.
 
@@ -398,6 +403,7 @@ class TrainConfig:
     emcl_lamd: float = 1.0
     emcl_beta: float = 3.0
     emcl_eval_block: int = 32
+    emcl_rows: str = "pairs"
     mode: str = "frozen"
     precision: str = "fp32"
     freeze_layer_num: int = -1
@@ -439,7 +445,7 @@ class TrainConfig:
             ("head", self.head, HEADS), ("mode", self.mode, MODES), ("optimizer", self.optimizer, OPTIMIZERS),
             ("sampling", self.sampling, SAMPLINGS), ("false_negatives", self.false_negatives, FALSE_NEGATIVES),
             ("select", self.select, SELECTS), ("vsepp_reduction", self.vsepp_reduction, ("sum", "mean")),
-            ("precision", self.precision, PRECISIONS),
+            ("precision", self.precision, PRECISIONS), ("emcl_rows", self.emcl_rows, EMCL_ROWS),
         ]:
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; valid values: {valid}")
@@ -482,7 +488,8 @@ def build_model(config: TrainConfig, dim: int, encoder=None) -> RetrievalModel:
     if config.emcl:
         emcl = EMCL(config.emcl_k, config.emcl_stage_num, config.emcl_momentum, config.emcl_lamd, config.emcl_beta)
     seq_init = clip_text_init(encoder, dim, config.seq_layers) if encoder is not None and config.head == "seqTransf" else None
-    model = RetrievalModel(dim, config.head, config.use_title, emcl, config.emcl_eval_block, config.seq_layers, seq_init)
+    model = RetrievalModel(dim, config.head, config.use_title, emcl, config.emcl_eval_block, config.seq_layers, seq_init,
+                           config.emcl_rows)
     if config.mode == "end_to_end":
         if encoder is None:
             raise ValueError("mode='end_to_end' trains the encoder's towers: pass encoder=load_encoder(...)")
