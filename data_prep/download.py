@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import pooch
+import requests
 
 from vidret_lib.cache import atomic_write
 from vidret_lib.progress import progress, progress_disabled
@@ -60,12 +61,20 @@ def fetch(archive: Archive, cache_dir: str | os.PathLike, downloader: Downloader
 
     ``downloader`` follows pooch's protocol (``pooch.HTTPDownloader`` by default, with a
     progress bar on a terminal). Returns ``{"url", "file", "sha256"}``, the sha256 being
-    computed from the file on disk.
+    computed from the file on disk. Raises ``ConnectionError`` naming the URL when the download
+    fails (no network, proxy, HTTP error), with no partial file left (pooch downloads to a
+    temporary file).
     """
     if downloader is None:
         downloader = pooch.HTTPDownloader(progressbar=not progress_disabled())
     known = None if archive.sha256 is None else f"sha256:{archive.sha256}"
-    path = pooch.retrieve(archive.url, known_hash=known, fname=archive.fname, path=cache_dir, downloader=downloader)
+    try:
+        path = pooch.retrieve(archive.url, known_hash=known, fname=archive.fname, path=cache_dir, downloader=downloader)
+    except requests.exceptions.RequestException as err:  # no network, proxy, DNS, HTTP error
+        raise ConnectionError(
+            f"cannot download {archive.url} ({type(err).__name__}: {err}); check the network or proxy, "
+            f"or download it by hand and pass the folder with --from DIR (msrvtt_source in a profile)"
+        ) from None
     return {"url": archive.url, "file": path, "sha256": pooch.file_hash(path, alg="sha256")}
 
 

@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             source, downloads = args.source, None
         prepare(source, args.out, downloads)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ConnectionError) as err:
         parser.exit(2, f"error: {err}\n")
     print(describe(load_json(args.out / "manifest.json")))
     print(f"wrote {args.out} (summary.json, manifest.json)")

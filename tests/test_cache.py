@@ -144,3 +144,18 @@ def test_folder_lock_excludes_another_process(tmp_path, capfd):
         waited.append(time.monotonic() - start)
     holder.join(60)
     assert waited[0] >= 0.4 and "waiting for another process that holds" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EFBIG"])
+def test_a_full_disk_names_the_file_and_leaves_nothing(tmp_path, code):
+    import errno
+
+    target = tmp_path / "results" / "x.json"
+
+    def write(tmp):  # what the OS says when the disk is full or the file size limit is hit
+        tmp.write_text("partial")
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    with pytest.raises(OSError, match=rf"cannot write {target}: .*free disk space"):
+        atomic_write(target, write)
+    assert list(target.parent.iterdir()) == []  # no temporary, no partial file

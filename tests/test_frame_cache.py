@@ -203,3 +203,21 @@ def test_bad_workers_or_timeout(tmp_path):
     for bad in (dict(workers=0), dict(timeout=0)):
         with pytest.raises(ValueError, match="must be >= 1"):
             frame_cache(ds, GOOD[:1], tmp_path / "cache", **bad, **PARAMS)
+
+
+def test_a_truncated_npz_is_decoded_again(tmp_path):
+    npz = tmp_path / "v.npz"
+    npz.write_bytes(b"PK\x03\x04 truncated")  # a zip header and nothing else, as a kill mid-copy leaves
+    assert fc._cached_decoder(npz, "123:456") is None
+    npz.write_bytes(b"not a zip at all")
+    assert fc._cached_decoder(npz, "123:456") is None
+
+
+def test_a_worker_whose_parent_is_gone_exits():
+    import multiprocessing
+
+    here, there = multiprocessing.Pipe()
+    start = time.monotonic()
+    fc._worker_loop(there, parent=os.getppid() + 1_000_000)  # not our parent: as after the parent's SIGKILL
+    assert time.monotonic() - start < 5
+    here.close()

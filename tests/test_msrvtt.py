@@ -568,3 +568,15 @@ def test_a_cached_archive_with_the_wrong_known_hash_is_fetched_again(archives, t
     record = fetch(Archive(arch[1].url, sha), cache, _serve(served, calls))
     assert calls == [arch[1].url]
     assert record["sha256"] == sha == hashlib.sha256((cache / "msrvtt_data.zip").read_bytes()).hexdigest()
+
+
+def test_a_download_without_network_is_one_error_naming_the_url_and_leaves_no_file(tmp_path):
+    import requests
+
+    def offline(url, output_file, pooch):  # what requests raises with no route to the host
+        raise requests.exceptions.ConnectionError(f"HTTPSConnectionPool: Max retries exceeded with url: {url}")
+
+    url = "https://example.invalid/data/msrvtt_data.zip"
+    with pytest.raises(ConnectionError, match=r"cannot download https://example\.invalid/data/msrvtt_data\.zip.*--from"):
+        fetch(Archive(url), tmp_path / "cache", offline)
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))

@@ -10,6 +10,7 @@ be built by one process at a time (a generated dataset) is guarded with :func:`f
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import hashlib
@@ -101,6 +102,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, quota
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file to ``path`` atomically.
 
@@ -124,6 +128,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
             os.fsync(fh.fileno())  # the data is on disk before the name points at it
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)  # ... and the rename itself is on disk
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}; free disk space (or raise the file size "
+                      "limit) or point the cache/results folder elsewhere, then run again") from err
     finally:
         tmp_path.unlink(missing_ok=True)
     return path

@@ -30,6 +30,7 @@ import multiprocessing.connection
 import os
 import time
 import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,7 +191,7 @@ def _cached_decoder(npz: Path, content: str) -> str | None:
     try:
         with np.load(npz, allow_pickle=False) as data:  # reads only the two small arrays
             return str(data["decoder"]) if str(data["source"]) == content else None
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # truncated or not an npz
         return None
 
 
@@ -199,7 +200,7 @@ class _Worker:
 
     def __init__(self) -> None:
         self.conn, child = _MP.Pipe()
-        self.process = _MP.Process(target=_worker_loop, args=(child,), daemon=True)
+        self.process = _MP.Process(target=_worker_loop, args=(child, os.getpid()), daemon=True)
         self.process.start()
         child.close()
         self.job: tuple[str, Path, tuple] | None = None
@@ -215,9 +216,18 @@ class _Worker:
         self.conn.close()
 
 
-def _worker_loop(conn) -> None:
-    """Sample each video sent; send back the clip, a decode failure, or any other exception."""
+def _worker_loop(conn, parent: int) -> None:
+    """Sample each video sent; send back the clip, a decode failure, or any other exception.
+
+    Returns when the pipe closes or the parent process ``parent`` is gone: a parent killed with
+    SIGKILL cannot close the pipe (forked siblings hold copies of its end), so the worker checks
+    every second that it still has that parent instead of waiting forever.
+    """
     while True:
+        if not conn.poll(1.0):
+            if os.getppid() != parent:
+                return
+            continue
         try:
             vid, path, args = conn.recv()
         except EOFError:
