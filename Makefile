@@ -8,11 +8,11 @@ PROFILE ?= default
 STAMP := $(VENV)/.vidret-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help env test test-fast reproduce lab site benchmarks clean-executed
+.PHONY: help env test test-fast reproduce rehearsal lab site benchmarks clean-executed
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=$(PROFILE) (smoke | default | msrvtt-gpu), PYTHON=$(PYTHON), VENV=$(VENV)"
+	@echo "  variables: PROFILE=$(PROFILE) (smoke | default | msrvtt-frozen = msrvtt-gpu | msrvtt-rehearsal), PYTHON=$(PYTHON), VENV=$(VENV)"
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,11 @@ test-fast: $(STAMP)  ## unit tests only (no notebooks, no slow tests)
 benchmarks: $(STAMP)  ## print speed and memory figures (not tests)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-reproduce: $(STAMP)  ## run every notebook headless (PROFILE=default|smoke|msrvtt-gpu), write results/ and figures/
+reproduce: $(STAMP)  ## run every notebook headless (PROFILE=default|smoke|msrvtt-frozen|...), write results/ and figures/
 	$(PY) -m vidret_lib.reproduce --profile $(PROFILE)
+
+rehearsal: $(STAMP)  ## CPU dress rehearsal of the MSR-VTT profile: every notebook on "cuda" under CUDA's device rules
+	$(PY) -m vidret_lib.reproduce --profile msrvtt-rehearsal --cuda-rules 1
 
 # JupyterLab serves notebooks/ on 127.0.0.1 only; new notebooks get the project's kernel (python3,
 # installed into .venv above, so kernels run .venv's python with vidret_lib). allow_root: CI and

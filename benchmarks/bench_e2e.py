@@ -4,22 +4,24 @@ What is measured: the library's training step in end-to-end mode with CLIP4Clip'
 (``TrainConfig(mode="end_to_end", sampling="caption", freeze_layer_num=0,
 learned_logit_scale=True, false_negatives="keep")``, BertAdam; ``ArrowLuo/CLIP4Clip``
 ``main_task_retrieval.py``, papers.md §0), for each precision (``fp16_weights``, CLIP4Clip's
-fp16 weights; ``amp_bf16``; ``fp32``), with the model and optimizer built as
-:func:`vidret_lib.train.train` builds them (``build_model``, ``param_groups``,
-``make_optimizer``) and each step made of train()'s pieces: the frames preprocessed by the
-encoder (valid frames only), both towers, ``compute_loss``, ``clip4clip_step`` (backward,
-global clip, BertAdam, zero_grad, logit-scale clamp), then ``loss.item()``, all under
-``precision_context``. train()'s per-step finiteness checks are left out.
+fp16 weights; ``amp_bf16``; ``fp32``), through the library's own hooks: the model and
+optimizer of :func:`vidret_lib.train.build_model` / :func:`~vidret_lib.train.build_optimizer`,
+and train()'s step, :func:`vidret_lib.train.train_step` (the valid frames preprocessed on the
+device, both towers, ``compute_loss``, ``clip4clip_step``: backward, global clip, BertAdam,
+zero_grad, logit-scale clamp), then ``loss.item()``. train()'s per-step finiteness checks
+(``train_step``'s ``check``) are left out.
 
 Each precision is timed twice:
 
-- **with loader**: every step reads its batch through a ``torch.utils.data.DataLoader``
-  (``--workers`` processes, ``pin_memory`` on CUDA, shuffled) from ``.npz`` files laid out as
+- **with loader**: every step reads its batch through train()'s loader,
+  :func:`vidret_lib.train.frame_loader` (a ``torch.utils.data.DataLoader``, ``--workers``
+  processes, pinned on CUDA) over a shuffled plan of caption batches of a
+  :meth:`~vidret_lib.train.RawSplit.from_frame_cache` split: ``.npz`` files laid out as
   :mod:`vidret_lib.frame_cache` writes them (uint8 frames (T, S, S, 3) and mask (T,), read by
   ``FrameCache.load``; random pixels: the files are uncompressed, so the content does not change
-  the cost), tokenises its captions in the workers, and copies the batch to the device. The files
-  are written just before and sit in the page cache, as a cache that fits in memory does after
-  the first epoch; a slow disk would be slower;
+  the cost), captions tokenised in the workers, the batch copied to the device
+  (``non_blocking``). The files are written just before and sit in the page cache, as a cache
+  that fits in memory does after the first epoch; a slow disk would be slower;
 - **without loader**: one batch, copied to the device once, is reused by every step.
 
 A gap between the two means the loader starves the device (raise ``--workers``). ``--warmup``
@@ -54,14 +56,15 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from vidret_lib.cache import save_npz
-from vidret_lib.clip4clip_recipe import clip4clip_step, plan_steps, precision_context
+from vidret_lib.clip4clip_recipe import plan_steps
+from vidret_lib.datasets import Split
 from vidret_lib.encoders import Encoder, load_encoder
 from vidret_lib.frame_cache import FrameCache
-from vidret_lib.optim import make_optimizer, param_groups
-from vidret_lib.train import TrainConfig, build_model, compute_loss
+from vidret_lib.train import (
+    RawBatch, RawSplit, TrainConfig, build_model, build_optimizer, frame_loader, train_step,
+)
 
 MSRVTT_9K_CAPTIONS = 180_000  # MSR-VTT 9k with --expand_msrvtt_sentences (papers.md §0): 1,406 steps at batch 128
 EPOCHS = 5  # the recipe's epochs: the schedule's t_total is plan_steps(..., EPOCHS).total_steps
@@ -125,64 +128,44 @@ def captions(videos: int, per_video: int = 2) -> tuple[list[str], list[int]]:
     return sentences, [i // per_video for i in range(videos * per_video)]
 
 
-class CaptionFrames(Dataset):
-    """Item ``i``: caption ``i % N``'s video frames uint8 (T, S, S, 3), mask bool (T,), tokens int64 (L,).
+def caption_split(cache: FrameCache, per_video: int = 2) -> RawSplit:
+    """The cache's videos with :func:`captions`' sentences, as train() reads them (one video at a time)."""
+    sentences, caption_video = captions(len(cache.video_ids), per_video)
+    return RawSplit.from_frame_cache(cache, Split("bench", sentences, [cache.video_ids[v] for v in caption_video]))
 
-    ``length`` may exceed the N captions, so that one pass of a DataLoader covers a whole
-    measurement (a new pass would restart the workers' prefetching, which a real epoch of
-    1,406 steps does once).
-    """
 
-    def __init__(self, cache: FrameCache, sentences: list[str], caption_video: list[int], tokenizer, length: int):
-        self.cache, self.sentences, self.caption_video = cache, sentences, caption_video
-        self.tokenizer, self.length = tokenizer, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        caption = i % len(self.sentences)
-        frames, mask = self.cache.load(self.cache.video_ids[self.caption_video[caption]])
-        return torch.from_numpy(frames), torch.from_numpy(mask), self.tokenizer([self.sentences[caption]])[0]
+def batch_plan(split: RawSplit, batch_size: int, steps: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` batches of (caption indices (B,), video indices (B,)): shuffled captions, repeated
+    as needed, so that one pass of the loader covers a whole measurement (a new pass would restart
+    the workers' prefetching, which a real epoch of 1,406 steps does once)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(split.num_texts, generator=g)
+                       for _ in range(-(-steps * batch_size // split.num_texts))])
+    return [(c, split.caption_video[c]) for c in order[:steps * batch_size].view(steps, batch_size)]
 
 
 class RecipeStep:
-    """train()'s model and optimizer for ``config``, and its training step on a batch already on the device.
+    """train()'s model and optimizer for ``config`` (:func:`~vidret_lib.train.build_model`,
+    :func:`~vidret_lib.train.build_optimizer`), and its step, :func:`~vidret_lib.train.train_step`.
 
     ``total_steps`` is the schedule's ``t_total`` (train(): ``plan_steps(...).total_steps``).
-    Calling it with frames uint8 (B, T, S, S, 3), mask bool (B, T) and tokens int64 (B, L), all on
-    the device, runs one step and returns the loss (a float).
+    Calling it with a :class:`~vidret_lib.train.RawBatch` on the device runs one step and returns
+    the loss (a float).
     """
 
     def __init__(self, config: TrainConfig, encoder: Encoder, total_steps: int):
         self.config = config
         self.model = build_model(config, encoder.embed_dim, encoder).train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = make_optimizer(
-            config.optimizer, param_groups(self.model, config.lr, config.coef_lr, config.weight_decay),
-            config.lr, config.warmup, total_steps, config.weight_decay, config.max_grad_norm,
-        )
-        self.logit_scale = self.model.clip.logit_scale if config.learned_logit_scale else None
+        self.optimizer, self.scheduler = build_optimizer(config, self.model, total_steps)
 
-    def __call__(self, frames: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> float:
-        model, config = self.model, self.config
-        # the encoding of vidret_lib.train._encode_batch / _tower_video / _tower_text (train.py has no
-        # public hook for a batch already on the device), then train()'s loss and step
-        with precision_context(config.precision, frames.device):
-            pixels = model.raw_encoder.preprocess_frames(frames[mask])  # (n_valid, 3, S, S), valid frames only
-            feats = model.clip.encode_image(pixels).float()  # (n_valid, D)
-            video = feats.new_zeros(*mask.shape, feats.shape[-1])  # (B, T, D), padded frames zero
-            video[mask] = feats
-            text = model.clip.encode_text(tokens).float()  # (B, D)
-            loss = compute_loss(config, model, model.encode_text(text), model.encode_video(video, mask), None)
-        clip4clip_step(loss, self.params, self.optimizer, self.logit_scale, config.grad_clip_norm, self.scheduler)
-        return loss.item()
+    def __call__(self, batch: RawBatch) -> float:
+        return train_step(self.config, self.model, self.optimizer, self.scheduler, batch).item()
 
 
-def _on_device(batches, device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Each (frames, mask, tokens) batch copied to ``device`` (asynchronously from pinned memory)."""
+def _on_device(batches, device: torch.device) -> Iterator[RawBatch]:
+    """Each batch copied to ``device`` (asynchronously from pinned memory), as train() does."""
     for batch in batches:
-        yield tuple(x.to(device, non_blocking=True) for x in batch)
+        yield batch.to(device, non_blocking=True)
 
 
 def _reset_peak_memory(device: torch.device) -> None:
@@ -217,11 +200,11 @@ def measure(step: RecipeStep, batches: Iterator, warmup: int, steps: int, device
     """Run ``warmup`` untimed then ``steps`` timed steps on ``batches``; seconds and peak memory (bytes)."""
     _reset_peak_memory(device)
     for _ in range(warmup):
-        step(*next(batches))
+        step(next(batches))
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step(*next(batches))
+        step(next(batches))
     _sync(device)
     return {"seconds": time.perf_counter() - start, "peak_memory_bytes": _peak_memory(device)}
 
@@ -237,14 +220,14 @@ def hours_minutes(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}"
 
 
-def run_precision(precision: str, encoder: Encoder, dataset: CaptionFrames, args, device: torch.device,
+def run_precision(precision: str, encoder: Encoder, split: RawSplit, args, device: torch.device,
                   epoch_steps: int) -> list[dict]:
     """The two rows (without, then with the loader) of one precision; a row that fails holds the error."""
     config = recipe_config(precision, args.batch_size, str(device))
     step = RecipeStep(config, encoder, plan_steps(MSRVTT_9K_CAPTIONS, args.batch_size, EPOCHS).total_steps)
-    resident = next(_on_device(DataLoader(dataset, batch_size=args.batch_size), device))  # on the device once
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                        num_workers=args.workers, pin_memory=device.type == "cuda")
+    plan = batch_plan(split, args.batch_size, args.warmup + args.steps)
+    resident = next(_on_device(frame_loader(split, plan[:1], encoder.tokenizer), device))  # on the device once
+    loader = frame_loader(split, plan, encoder.tokenizer, args.workers, device)
     rows = []
     for with_loader, batches in ((False, itertools.repeat(resident)), (True, _on_device(loader, device))):
         row = {"precision": precision, "loader": with_loader, "steps": args.steps, "error": None}
@@ -274,7 +257,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, help="timed steps per row, default 20 (tiny: 5)")
     ap.add_argument("--warmup", type=int, help="untimed steps before each row, default 3 (tiny: 1)")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                    help="DataLoader worker processes (default: min(8, CPUs); 0 loads in this process, as train() does)")
+                    help="loader worker processes (TrainConfig.loader_workers; default: min(8, CPUs); 0 loads "
+                         "in this process)")
     ap.add_argument("--threads", type=int, help="intra-op threads of this process (torch.set_num_threads); default: "
                     "torch's. On a CPU shared with other jobs, 1 avoids threads waiting on each other at every op")
     ap.add_argument("--json", help="also write the figures to this JSON file")
@@ -306,10 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = register_tiny_clip(tmp) if args.tiny else MODEL
         encoder = load_encoder(name, device, pretrained=None)  # random weights: only the speed is meaningful
         videos = max(16, 2 * args.batch_size)
-        cache = write_frame_cache(tmp, videos, args.frames, encoder.image_size)
-        sentences, caption_video = captions(videos)
-        dataset = CaptionFrames(cache, sentences, caption_video, encoder.tokenizer,
-                                length=(args.warmup + args.steps + 1) * args.batch_size)
+        split = caption_split(write_frame_cache(tmp, videos, args.frames, encoder.image_size))
         tokens = encoder.tokenizer(["a"]).shape[1]
         figures = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -327,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{'precision':13s} {'loader':6s} {'steps':>5s} {'s/step':>8s} {'steps/s':>8s} {'frames/s':>9s} "
               f"{'epoch h:mm':>10s} {'peak MiB':>9s}")
         for precision in args.precision:
-            for row in run_precision(precision, encoder, dataset, args, device, epoch_steps):
+            for row in run_precision(precision, encoder, split, args, device, epoch_steps):
                 figures["rows"].append(row)
                 head = f"{precision:13s} {'on' if row['loader'] else 'off':6s}"
                 if row["error"]:

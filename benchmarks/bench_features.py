@@ -7,8 +7,8 @@ temporary folder) and of ``encoder.model.encode_image`` / ``encode_text`` on pre
 tensors / pre-tokenised captions with the same batch size, and their ratio (goal:
 extraction within 15% of the bare forward pass). The frames come from per-video ``.npz``
 files, as the frame cache stores them. For the default encoder it also prints the bare
-image rate at several input sizes and batch sizes (the choice of ``image_size=160`` and of
-the CPU batch size in ``vidret_lib.features.VIDEO_BATCH``).
+image rate at several input sizes and batch sizes (the choice of ``image_size=96``,
+ShapeMotion's frame size, and of the CPU batch size in ``vidret_lib.features.VIDEO_BATCH``).
 
 Each figure is the best of ``--repeats`` runs, the compared runs alternating. On a machine
 shared with other busy processes, 2 intra-op threads wait on each other at every layer and
@@ -25,28 +25,26 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vidret_lib.cache import load_npz, save_npz
+from vidret_lib.cache import save_npz
 from vidret_lib.encoders import load_encoder
 from vidret_lib.features import TEXT_BATCH, VIDEO_BATCH, text_features, video_features
+from vidret_lib.frame_cache import FrameCache
 
 WORDS = "a man woman dog cat red blue car ball is playing running talking about the in".split()
 
 
-class NpzFrames:
-    """A minimal frame cache: one uncompressed .npz per video (frames uint8 (T, S, S, 3), mask)."""
-
-    def __init__(self, folder: Path, n_videos: int, frames: int, size: int):
-        self.key, self.dir, self.failed = f"bench-{n_videos}x{frames}x{size}", folder, {}
-        rng = np.random.default_rng(0)
-        self.ids = [f"video{i}" for i in range(n_videos)]
-        for vid in self.ids:
-            mask = np.arange(frames) < rng.integers(frames * 2 // 3, frames + 1)  # 8-12 of 12
-            save_npz(folder / f"{vid}.npz", mask=mask,
-                     frames=rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8))
-
-    def load(self, video_id):
-        data = load_npz(self.dir / f"{video_id}.npz")
-        return data["frames"], data["mask"]
+def write_frame_cache(folder: Path, n_videos: int, frames: int, size: int) -> FrameCache:
+    """A :class:`~vidret_lib.frame_cache.FrameCache` of random clips: one uncompressed ``.npz`` per
+    video (frames uint8 (T, S, S, 3), mask bool (T,) with 2/3 to all of its T frames valid), as
+    :func:`vidret_lib.frame_cache.frame_cache` writes them; each video's content stamp is fixed."""
+    rng = np.random.default_rng(0)
+    ids = tuple(f"video{i}" for i in range(n_videos))
+    for vid in ids:
+        mask = np.arange(frames) < rng.integers(frames * 2 // 3, frames + 1)  # 8-12 of 12
+        save_npz(folder / f"{vid}.npz", mask=mask,
+                 frames=rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8))
+    return FrameCache(folder, f"bench-{n_videos}x{frames}x{size}", ids, frames, size, failed={},
+                      content=dict.fromkeys(ids, "bench"), decoders={})
 
 
 def best_rates(count: int, runs: dict, repeats: int) -> dict:
@@ -105,7 +103,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--captions", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sizes", default="224,160,128", help="default encoder: sizes to sweep")
+    parser.add_argument("--sizes", default="224,160,128,96", help="default encoder: sizes to sweep")
     parser.add_argument("--batch-sizes", default="16,64", help="default encoder: batch sizes to sweep")
     args = parser.parse_args()
     if args.quick:
@@ -121,13 +119,13 @@ def main() -> None:
           f"batches of {image_batch} frames / {text_batch} captions")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        frames = NpzFrames(tmp / "frames", args.videos, args.frames, encoder.image_size)
-        masked = np.concatenate([f[m] for f, m in map(frames.load, frames.ids)])
+        frames = write_frame_cache(tmp / "frames", args.videos, args.frames, encoder.image_size)
+        masked = np.concatenate([f[m] for f, m in map(frames.load, frames.video_ids)])
         bare = bare_image_run(encoder, masked, image_batch)
         bare(0)  # warm-up
         rates = best_rates(len(masked), {
             "bare": bare,
-            "cached": lambda r: video_features(encoder, frames, frames.ids, tmp / f"video{r}"),
+            "cached": lambda r: video_features(encoder, frames, frames.video_ids, tmp / f"video{r}"),
         }, args.repeats)
         report(f"images ({len(masked)} frames of {args.videos} videos, {encoder.image_size}px)",
                "video_features", rates)

@@ -133,6 +133,8 @@ DISTRACTOR_PHRASES = {
     1: ("while another small shape drifts nearby", "with one other small shape around"),
     2: ("while two other small shapes drift around", "with a couple of small shapes around"),
 }
+# The phrases a still image can show (no drifting): captions of ``caption(..., still=True)``.
+STILL_DISTRACTOR_PHRASES = {n: tuple(p for p in phrases if "drift" not in p) for n, phrases in DISTRACTOR_PHRASES.items()}
 UNDERSPECIFIED = (
     "a shape is shown",
     "an object on the screen",
@@ -187,8 +189,11 @@ def _verb_phrase(rng: np.random.Generator, attrs: dict, facts: set[str], ing: bo
     return text
 
 
-def caption(rng: np.random.Generator, attrs: dict, facts: list[str] | tuple[str, ...]) -> str:
+def caption(rng: np.random.Generator, attrs: dict, facts: list[str] | tuple[str, ...], still: bool = False) -> str:
     """A caption of a video stating exactly ``facts`` (a subset of ``FACTS``, with "shape").
+
+    ``still=True`` describes a still image: it refuses "motion" and "event" among ``facts``
+    and words distractors without movement (``STILL_DISTRACTOR_PHRASES``).
 
     Example:
         >>> attrs = {"shape": "circle", "colour": "red", "size": "small", "motion": "left_to_right",
@@ -202,6 +207,8 @@ def caption(rng: np.random.Generator, attrs: dict, facts: list[str] | tuple[str,
     unknown = facts - set(FACTS)
     if unknown or "shape" not in facts:
         raise ValueError(f"caption facts {sorted(facts)} must include 'shape' and only names from {FACTS}")
+    if still and facts & {"motion", "event"}:
+        raise ValueError(f"a still image shows no motion or event; got caption facts {sorted(facts)}")
     frame = _pick(rng, FRAMES)
     subject = noun_phrase(
         rng,
@@ -217,7 +224,8 @@ def caption(rng: np.random.Generator, attrs: dict, facts: list[str] | tuple[str,
     if "background" in facts:
         phrases.append(_pick(rng, BACKGROUND_PHRASES[attrs["background"]]))
     if "distractors" in facts and attrs["distractors"] > 0:
-        phrases.append(_pick(rng, DISTRACTOR_PHRASES[attrs["distractors"]]))
+        table = STILL_DISTRACTOR_PHRASES if still else DISTRACTOR_PHRASES
+        phrases.append(_pick(rng, table[attrs["distractors"]]))
     if frame == "fronted" and "background" in facts:  # "on a black background, a red circle ..."
         return " ".join([f"{phrases[0]}, {clause}", *phrases[1:]])
     return " ".join([clause, *phrases])

@@ -6,8 +6,9 @@ so every notebook runs the same pipeline on it as on MSR-VTT. Each property belo
 that one of the replicated papers has something to show (``PROPERTIES`` is the short form
 written to ``dataset.json``):
 
-- several captions per training video, one per val/test video (MSR-VTT 9k / 1k-A style),
-  and a validation split separate from test;
+- several captions per training video (``captions_per_train_video``), one per val video and
+  ``captions_per_test_video`` per test video (MSR-VTT 9k / 1k-A style; several test captions
+  give more test queries for the same gallery), and a validation split separate from test;
 - temporal-only facts: a family may hold a video and its exact time reversal (its *twin*),
   whose frames are the same set in the opposite order, so any mean over frames is equal,
   while the captions differ in direction of motion or order of events (CLIP4Clip seqTransf
@@ -34,19 +35,30 @@ distractors, event, shape2, colour2: what captions and labels are made from), ``
 direction ("horizontal", "circling", ...). A caption row adds ``facts`` (what it states),
 ``underspecified`` and ``needs_vision``.
 
+The default size has 600 / 500 / 1,000 videos (train / val / test), 5 captions per train
+video and 2 per test video (1,000 test videos and 2,000 test queries, the size of MSR-VTT 1k-A's
+gallery; issue 12).
+
 Run ``python -m data_prep.synthetic --size {smoke,default,large} --seed 0 --out DIR``, or
-call :func:`generate`. The same seed and size give byte-identical files, mp4s included.
-Generation is resumable: each mp4 is written atomically and carries its key (what produced
-it) in its metadata; a re-run keeps every valid mp4 whose key matches and writes
-``dataset.json`` last.
+call :func:`generate`. The same seed and size give byte-identical files, mp4s included, with
+any number of worker processes. Generation is resumable: each mp4 is written atomically and
+carries its key (what produced it) in its metadata; a re-run keeps every valid mp4 whose key
+matches and writes ``dataset.json`` last.
+
+:func:`static_pairs` draws still images with captions of static facts only (no motion, no
+event), from a random stream of their own: the image-text pairs on which
+:mod:`vidret_lib.pretrain` aligns the encoder's towers, as CLIP was aligned before any
+video paper fine-tuned it.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -58,9 +70,11 @@ from vidret_lib.datasets import Dataset, write_dataset
 from vidret_lib.progress import progress
 
 from . import grammar
-from .synthetic_render import BACKGROUNDS, COLOURS, SHAPES, SIZES, mp4_matches, render_frames, write_mp4
+from .synthetic_render import (
+    BACKGROUNDS, COLOURS, SHAPES, SIZES, mp4_matches, render_frame, render_frames, write_mp4,
+)
 
-GENERATOR_VERSION = "1"  # bump whenever the generator's output changes (it is in every cache key)
+GENERATOR_VERSION = "2"  # bump whenever the generator's output changes (it is in every cache key)
 
 MOTIONS = (
     "left_to_right", "right_to_left", "up", "down", "diagonal_up", "diagonal_down",
@@ -87,7 +101,8 @@ RELEVANCE_WEIGHTS = {
 SPLITS = ("train", "val", "test")
 
 PROPERTIES = {
-    "captions": "train videos have captions_per_train_video captions; val and test videos one each",
+    "captions": "train videos have captions_per_train_video captions, test videos captions_per_test_video, "
+    "val videos one each",
     "temporal_twins": "a family may hold a video and its exact time reversal ('twin'): same frames in "
     "reverse order, captions differ in direction of motion or order of events",
     "families": "videos of a family differ from its base in exactly one attribute ('varied')",
@@ -105,12 +120,13 @@ class SyntheticConfig:
     """Everything that shapes a ShapeMotion dataset (besides the seed). Rates are shares in [0, 1]."""
 
     n_train: int = 600
-    n_val: int = 100
-    n_test: int = 200
+    n_val: int = 500
+    n_test: int = 1000
     captions_per_train_video: int = 5
+    captions_per_test_video: int = 2  # val videos have one each
     frame_size: int = 96  # pixels, square
     fps: int = 8
-    sampled_frames: int = 10  # frames CLIP4Clip's 1-fps rule picks; the video has fps*(this-1)+1 frames
+    sampled_frames: int = 8  # frames CLIP4Clip's 1-fps rule picks; the video has fps*(this-1)+1 frames
     family_size: int = 4  # base + variants (at most 2 + len(VARIABLE_ATTRIBUTES))
     twin_rate: float = 0.5  # share of families holding the base's time-reversed twin
     colour_change_rate: float = 0.2  # share of base videos whose shape changes colour midway
@@ -143,7 +159,8 @@ class SyntheticConfig:
             bad.append(f"family_size={self.family_size} (1..{2 + len(VARIABLE_ATTRIBUTES)})")
         if self.frame_size % 2 or self.frame_size < 48:
             bad.append(f"frame_size={self.frame_size} (must be even for yuv420p, and >= 48)")
-        minimum = {"sampled_frames": 2, "fps": 1, "label_levels": 2, "captions_per_train_video": 1}
+        minimum = {"sampled_frames": 2, "fps": 1, "label_levels": 2, "captions_per_train_video": 1,
+                   "captions_per_test_video": 1}
         minimum |= {k: 0 for k in ("n_train", "n_val", "n_test", "max_distractors", "pairs_per_video")}
         bad += [f"{k}={getattr(self, k)} (< {m})" for k, m in minimum.items() if getattr(self, k) < m]
         if bad:
@@ -447,31 +464,39 @@ def make_captions(rng: np.random.Generator, video: dict, n: int, cfg: SyntheticC
     "underspecified", "needs_vision"}`` (``needs_vision``: states a fact the title does not give
     correctly)."""
     reliable = set(video["title_facts"]) - {video["title_wrong_fact"]}
-    rows: list[dict] = []
+
+    def draw() -> tuple[str, list[str]]:
+        if rng.random() < cfg.underspecified_rate:
+            return grammar.underspecified_caption(rng), []
+        facts = caption_facts(rng, video["attributes"], cfg)
+        return grammar.caption(rng, video["attributes"], facts), facts
+
+    pairs = _distinct_captions(n, draw, f"video {video['video_id']}",
+                               "lower captions_per_train_video or captions_per_test_video")
+    return [
+        {"video_id": video["video_id"], "sentence": text, "facts": facts, "underspecified": not facts,
+         "needs_vision": bool(set(facts) - reliable)}
+        for text, facts in pairs
+    ]
+
+
+def _distinct_captions(n: int, draw, what: str, fix: str) -> list[tuple[str, list[str]]]:
+    """``n`` distinct ``(text, facts)`` from repeated ``draw()`` calls (at most ``50 n`` of them).
+
+    Raises ``RuntimeError`` naming ``what`` and the ``fix`` when fewer distinct texts came out.
+    """
+    out: list[tuple[str, list[str]]] = []
     seen: set[str] = set()
     for _ in range(50 * n):
-        if len(rows) == n:
+        if len(out) == n:
             break
-        if rng.random() < cfg.underspecified_rate:
-            facts, text = [], grammar.underspecified_caption(rng)
-        else:
-            facts = caption_facts(rng, video["attributes"], cfg)
-            text = grammar.caption(rng, video["attributes"], facts)
-        if text in seen:
-            continue
-        seen.add(text)
-        rows.append({
-            "video_id": video["video_id"],
-            "sentence": text,
-            "facts": facts,
-            "underspecified": not facts,
-            "needs_vision": bool(set(facts) - reliable),
-        })
-    if len(rows) < n:
-        raise RuntimeError(
-            f"could not make {n} distinct captions for {video['video_id']}; lower captions_per_train_video"
-        )
-    return rows
+        text, facts = draw()
+        if text not in seen:
+            seen.add(text)
+            out.append((text, facts))
+    if len(out) < n:
+        raise RuntimeError(f"could not make {n} distinct captions for {what}; {fix}")
+    return out
 
 
 # ---------------------------------------------------------------- the whole dataset
@@ -492,7 +517,7 @@ def build_annotations(
     Example:
         >>> videos, splits, pairs = build_annotations(PRESETS["smoke"], seed=0)
         >>> len(videos), [len(splits[s]) for s in SPLITS]
-        (40, [120, 8, 8])
+        (40, [120, 8, 16])
     """
     scene_rng, text_rng, pair_rng = _rng(seed, "scenes"), _rng(seed, "text"), _rng(seed, "pairs")
     videos: list[dict] = []
@@ -532,10 +557,64 @@ def build_annotations(
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for v in videos:
         v.update(make_title(text_rng, v["attributes"], cfg))
-        n_caps = cfg.captions_per_train_video if v["split"] == "train" else 1
+        n_caps = {"train": cfg.captions_per_train_video, "val": 1, "test": cfg.captions_per_test_video}[v["split"]]
         splits[v["split"]] += make_captions(text_rng, v, n_caps, cfg)
     pairs = {s: graded_pairs(pair_rng, [v for v in videos if v["split"] == s], cfg) for s in SPLITS}
     return videos, splits, pairs
+
+
+STATIC_FACTS = ("size", "colour", "shape", "background", "distractors")  # what one still frame shows
+
+
+def static_pairs(
+    n_images: int, seed: int, cfg: SyntheticConfig, captions_per_image: int = 1
+) -> tuple[np.ndarray, list[list[str]], list[list[list[str]]]]:
+    """Still images and captions of their static facts: the image-text pairs of the pretrained start.
+
+    They play the part of CLIP's web image-text pairs (Radford et al. 2021) for
+    :mod:`vidret_lib.pretrain`. Drawn from the random stream ``_rng(seed, "pretrain")``, which
+    no split uses (train/val/test come from the "scenes", "text" and "pairs" streams), so no
+    still is a frame of a dataset video. Image ``i`` is one frame of a fresh scene without
+    events (:func:`sample_scene` with no colour change or sequence, so the shape has one
+    colour), rendered with the video renderer at ``cfg.frame_size`` at a time drawn uniformly
+    in [0, 1] of its motion (the shape anywhere along its path). Each caption states the shape
+    and each other fact of ``STATIC_FACTS`` at ``cfg``'s caption rates (:func:`caption_facts`
+    with motion and event dropped), in :func:`grammar.caption`'s phrasing with ``still=True``:
+    never motion, direction or event order. No caption is underspecified. Deterministic for
+    ``(n_images, seed, cfg, captions_per_image)``; image ``i`` does not depend on ``n_images``.
+
+    Returns ``(frames, captions, facts)``: uint8 ``(n_images, S, S, 3)`` RGB with ``S =
+    cfg.frame_size``; ``captions[i]``, ``captions_per_image`` distinct strings of image ``i``;
+    ``facts[i][j]``, the facts (names from ``STATIC_FACTS``) caption ``captions[i][j]`` states.
+    Raises ``ValueError`` for ``n_images < 1`` or ``captions_per_image < 1``.
+
+    Example:
+        >>> frames, captions, facts = static_pairs(3, 0, PRESETS["smoke"], captions_per_image=2)
+        >>> frames.shape, frames.dtype, [len(c) for c in captions]
+        ((3, 64, 64, 3), dtype('uint8'), [2, 2, 2])
+        >>> all(f[0] != "motion" and "shape" in f for fs in facts for f in fs)
+        True
+    """
+    if n_images < 1 or captions_per_image < 1:
+        raise ValueError(f"static_pairs needs n_images >= 1 and captions_per_image >= 1; got {n_images}, "
+                         f"{captions_per_image}")
+    still_cfg = replace(cfg, colour_change_rate=0.0, sequence_rate=0.0)  # no events: one colour, one shape
+    rng = _rng(seed, "pretrain")
+    frames = np.empty((n_images, cfg.frame_size, cfg.frame_size, 3), np.uint8)
+    captions, facts = [], []
+    for i in range(n_images):
+        scene = sample_scene(rng, still_cfg)
+        frames[i] = render_frame(scene, cfg.frame_size, float(rng.uniform()))
+        attrs = describe(scene)
+
+        def draw() -> tuple[str, list[str]]:
+            stated = [f for f in caption_facts(rng, attrs, cfg) if f in STATIC_FACTS]
+            return grammar.caption(rng, attrs, stated, still=True), stated
+
+        pairs = _distinct_captions(captions_per_image, draw, f"still {i}", "lower captions_per_image")
+        captions.append([text for text, _ in pairs])
+        facts.append([stated for _, stated in pairs])
+    return frames, captions, facts
 
 
 def _video_key(scene: dict, cfg: SyntheticConfig) -> str:
@@ -559,12 +638,29 @@ def content_hash(cfg: SyntheticConfig, seed: int) -> str:
     return cache_key("shapemotion", version=GENERATOR_VERSION, seed=seed, config=asdict(cfg))
 
 
-def generate(out: str | os.PathLike, size: str = "default", seed: int = 0, **overrides: Any) -> Dataset:
+# fork: workers start in milliseconds and inherit the loaded modules; spawn where there is no fork
+_MP = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
+def _render_video(path: str, scene: dict, cfg: SyntheticConfig) -> None:
+    """Render ``scene`` and write it to ``path`` atomically (one job of :func:`generate`)."""
+    frames = render_frames(scene, cfg.frame_size, cfg.n_frames)
+    key = _video_key(scene, cfg)
+    atomic_write(path, lambda tmp: write_mp4(tmp, frames, cfg.fps, cfg.crf, key))
+
+
+def generate(
+    out: str | os.PathLike, size: str = "default", seed: int = 0, workers: int | None = None, **overrides: Any
+) -> Dataset:
     """Write a ShapeMotion dataset to ``out`` and return it (see the module docstring).
 
     ``size`` names a preset of :class:`SyntheticConfig` (``PRESETS``); ``overrides`` replace
-    its fields. Videos already in ``out/videos`` with the right key are kept, so an
-    interrupted run finishes where it stopped; ``dataset.json`` is written last.
+    its fields. Videos are rendered and encoded in ``workers`` processes (default
+    ``os.cpu_count()``; 1 renders in this process); each video is encoded on one thread, so
+    the bytes do not depend on ``workers``. Videos already in ``out/videos`` with the right
+    key are kept, so an interrupted run finishes where it stopped; ``dataset.json`` is
+    written last. Raises ``ValueError`` for an unknown size or ``workers < 1``, ``TypeError``
+    for an unknown field.
 
     Example:
         >>> import tempfile
@@ -575,6 +671,8 @@ def generate(out: str | os.PathLike, size: str = "default", seed: int = 0, **ove
     """
     if size not in PRESETS:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(PRESETS)}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers={workers}: need at least 1 worker process (None = os.cpu_count())")
     known = {f.name for f in fields(SyntheticConfig)}
     if set(overrides) - known:
         unknown = sorted(set(overrides) - known)
@@ -594,12 +692,20 @@ def generate(out: str | os.PathLike, size: str = "default", seed: int = 0, **ove
         video_dir = out / "videos"
         video_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(video_dir)  # left by killed runs (a live writer's are kept)
-        for v in progress(videos, desc="render videos", unit="video"):
-            path, vkey = out / v["path"], _video_key(v["scene"], cfg)
-            if path.exists() and mp4_matches(path, vkey, cfg.n_frames, cfg.frame_size):
-                continue
-            frames = render_frames(v["scene"], cfg.frame_size, cfg.n_frames)
-            atomic_write(path, lambda tmp: write_mp4(tmp, frames, cfg.fps, cfg.crf, vkey))
+        jobs = [  # (path, scene, cfg) of every video that is missing, damaged or of other settings
+            (str(out / v["path"]), v["scene"], cfg) for v in videos
+            if not mp4_matches(out / v["path"], _video_key(v["scene"], cfg), cfg.n_frames, cfg.frame_size)
+        ]
+        n_workers = min(workers or os.cpu_count() or 1, max(len(jobs), 1))
+        with progress(total=len(jobs), desc="render videos", unit="video") as bar:
+            if n_workers == 1:
+                for job in jobs:
+                    _render_video(*job)
+                    bar.update(1)
+            else:
+                with ProcessPoolExecutor(n_workers, mp_context=_MP) as pool:
+                    for _ in pool.map(_render_video, *zip(*jobs), chunksize=4):  # re-raises a worker's error
+                        bar.update(1)
         info = {
             "name": dataset_name(size, seed, cfg),
             "version": GENERATOR_VERSION,
@@ -634,9 +740,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(PRESETS), default="default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="dataset root to write (resumes if present)")
+    parser.add_argument("--workers", type=int, default=None, help="render processes (default: all CPU cores)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    ds = generate(args.out, args.size, args.seed)
+    ds = generate(args.out, args.size, args.seed, workers=args.workers)
     print(f"{ds.name} (generator v{ds.info['version']}) in {ds.root}: {time.perf_counter() - start:.1f} s, "
           f"{_disk_mb(ds.root):.1f} MiB")
     for split, counts in ds.info["splits"].items():

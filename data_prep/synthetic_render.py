@@ -166,6 +166,32 @@ def _paste(frame: np.ndarray, cover: np.ndarray, rgb: tuple[int, int, int], cx: 
     region += a * np.asarray(rgb, dtype=np.float32)
 
 
+def render_frame(scene: dict, frame_size: int, u: float) -> np.ndarray:
+    """The scene at time ``u`` in [0, 1] (as drawn, ``scene["reversed"]`` not applied): uint8
+    ``(frame_size, frame_size, 3)``. Raises ``ValueError`` for ``u`` outside [0, 1].
+
+    Example:
+        >>> scene = {"background": "white", "phase": 0, "reversed": False, "distractors": [],
+        ...          "actor": {"shape": "circle", "colour": "red", "size": "large", "event": "none",
+        ...                    "shape2": None, "colour2": None, "path": {"kind": "static", "at": [32, 32]}}}
+        >>> f = render_frame(scene, 64, 0.0)
+        >>> f.shape, f[32, 32].tolist(), f[0, 0].tolist()
+        ((64, 64, 3), [220, 30, 30], [240, 240, 240])
+    """
+    if not 0.0 <= u <= 1.0:
+        raise ValueError(f"u={u}: a scene's time runs from 0 to 1")
+    frame = background(scene["background"], frame_size, scene["phase"])
+    actors = [(a, DISTRACTOR_SIZE) for a in scene["distractors"]]
+    actors.append((scene["actor"], SIZES[scene["actor"]["size"]]))  # the main actor is drawn last, on top
+    for actor, rel_size in actors:
+        shape, colour = actor_look(actor, u)
+        x, y = position(actor["path"], u)
+        radius = max(2, round(rel_size * frame_size))
+        _paste(frame, sprite(shape, radius), COLOURS[colour], round(x), round(y))
+    np.clip(np.rint(frame), 0, 255, out=frame)
+    return frame.astype(np.uint8)
+
+
 def render_frames(scene: dict, frame_size: int, n_frames: int) -> np.ndarray:
     """All frames of a scene: uint8 array ``(n_frames, frame_size, frame_size, 3)``.
 
@@ -183,21 +209,10 @@ def render_frames(scene: dict, frame_size: int, n_frames: int) -> np.ndarray:
     """
     if n_frames < 2:
         raise ValueError(f"n_frames={n_frames}: a video needs at least 2 frames")
-    bg = background(scene["background"], frame_size, scene["phase"])
     out = np.empty((n_frames, frame_size, frame_size, 3), dtype=np.uint8)
-    actors = [(a, DISTRACTOR_SIZE) for a in scene["distractors"]]
-    actors.append((scene["actor"], SIZES[scene["actor"]["size"]]))
     for i in range(n_frames):
         k = n_frames - 1 - i if scene["reversed"] else i
-        u = k / (n_frames - 1)
-        frame = bg.copy()
-        for actor, rel_size in actors:
-            shape, colour = actor_look(actor, u)
-            x, y = position(actor["path"], u)
-            radius = max(2, round(rel_size * frame_size))
-            _paste(frame, sprite(shape, radius), COLOURS[colour], round(x), round(y))
-        np.clip(np.rint(frame), 0, 255, out=frame)
-        out[i] = frame.astype(np.uint8)
+        out[i] = render_frame(scene, frame_size, k / (n_frames - 1))
     return out
 
 

@@ -10,7 +10,7 @@ import torch
 
 from vidret_lib.clip4clip_recipe import plan_steps
 from vidret_lib.encoders import load_encoder
-from vidret_lib.train import RawSplit, train
+from vidret_lib.train import RawSplit, frame_loader, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,25 +23,20 @@ FIELDS = ("s_per_step", "steps_per_s", "frames_per_s", "epoch_seconds", "peak_me
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16_weights", "amp_bf16"])
-def test_bench_step_is_trains_step(tmp_path, precision):
+def test_bench_step_and_loader_are_trains(tmp_path, precision):
     # one epoch of train() (two batches: BertAdam's warmup gives the first update lr 0) vs two RecipeSteps on
-    # the same batches in train()'s order (one randperm of the captions from a generator seeded with
-    # config.seed), at a larger lr so that the weights move
+    # the batches of bench's loader (train's frame_loader) in train()'s order (one randperm of the captions
+    # from a generator seeded with config.seed), at a larger lr so that the weights move
     encoder = load_encoder(bench.register_tiny_clip(tmp_path), "cpu", pretrained=None)
-    cache = bench.write_frame_cache(tmp_path, 3, 2, encoder.image_size)
-    sentences, caption_video = bench.captions(3)
+    split = bench.caption_split(bench.write_frame_cache(tmp_path, 3, 2, encoder.image_size))
     config = bench.recipe_config(precision, 3, "cpu", lr=1e-3, coef_lr=0.1, epochs=1, seed=5)
-    split = RawSplit(lambda i: cache.load(cache.video_ids[i]), sentences, caption_video, 3, cache.video_ids)
     result = train(config, split, encoder=encoder)
 
     step = bench.RecipeStep(config, encoder, total_steps=2)
     before = {k: v.clone() for k, v in step.model.state_dict().items()}
-    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    dataset = bench.CaptionFrames(cache, sentences, caption_video, encoder.tokenizer, len(sentences))
-    losses = []
-    for batch in (order[:3], order[3:]):
-        frames, mask, tokens = (torch.stack(x) for x in zip(*[dataset[i] for i in batch]))
-        losses.append(step(frames, mask, tokens))
+    order = torch.randperm(split.num_texts, generator=torch.Generator().manual_seed(config.seed))
+    plan = [(c, split.caption_video[c]) for c in (order[:3], order[3:])]
+    losses = [step(batch) for batch in frame_loader(split, plan, encoder.tokenizer, workers=1)]
 
     assert result.history[0]["steps"] == 2
     assert sum(losses) / 2 == pytest.approx(result.history[0]["loss"], rel=1e-6)
@@ -50,6 +45,16 @@ def test_bench_step_is_trains_step(tmp_path, precision):
     assert any(not torch.equal(state[k], before[k]) for k in state)  # the steps changed weights
     for name, value in state.items():
         torch.testing.assert_close(value, result.last_state[name], msg=name)
+
+
+def test_batch_plan_covers_the_measurement_with_shuffled_captions():
+    sentences, caption_video = bench.captions(3)
+    split = RawSplit(None, sentences, caption_video, 3)
+    plan = bench.batch_plan(split, 4, 5)  # 20 samples of 6 captions: 4 shuffled passes, cut
+    assert len(plan) == 5 and all(len(c) == 4 for c, _ in plan)
+    flat = torch.cat([c for c, _ in plan])
+    assert sorted(flat[:6].tolist()) == list(range(6)) and sorted(flat[6:12].tolist()) == list(range(6))
+    assert all(torch.equal(v, split.caption_video[c]) for c, v in plan)
 
 
 def test_main_tiny_prints_and_writes_finite_figures(tmp_path, capsys):

@@ -266,3 +266,26 @@ def test_pair_similarity_trains_on_cuda():
         model, history = train_pair_similarity(PairConfig(batch_size=200, epochs=1, device="cuda"), feats, pairs, val)
         assert next(model.parameters()).device == CUDA0
     assert history == ref
+
+
+def test_enable_for_process_keeps_the_rules_until_the_process_ends():
+    # in a fresh Python: the mode is never left, so it must not leak into this test session
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from vidret_lib.devicecheck import enable_for_process
+rules = enable_for_process(2)
+assert enable_for_process(2) is rules and len(torch.overrides._get_current_function_mode_stack()) == 1
+try:
+    enable_for_process(1)
+except ValueError as err:
+    print(err)
+x = torch.ones(2).to("cuda:1")
+print(x.device, torch.cuda.device_count())
+torch.ones(2).to("cuda:0") + x
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.stdout.splitlines() == ["cuda_rules already entered with device_count=2, not 1", "cuda:1 2"], run.stderr
+    assert f"RuntimeError: {SAME_DEVICE}, but found at least two devices, cuda:0 and cuda:1!" in run.stderr

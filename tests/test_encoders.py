@@ -44,8 +44,8 @@ def test_network_is_blocked():
 
 def test_default_embeds_frames_and_captions(default_encoder):
     enc = default_encoder
-    assert (enc.name, enc.embed_dim, enc.image_size) == ("default", 512, 160)
-    frames = np.random.default_rng(0).integers(0, 256, (3, 160, 160, 3), dtype=np.uint8)
+    assert (enc.name, enc.embed_dim, enc.image_size) == ("default", 512, 96)  # ShapeMotion's frame size
+    frames = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
     img = enc.encode_image(frames)
     txt = enc.encode_text(["a red circle moves left", "a girl does gymnastics"])
     assert img.shape == (3, 512) and txt.shape == (2, 512)
@@ -82,15 +82,19 @@ def test_photos_give_distinct_features(default_encoder):
     assert max(cross) < 0.6  # measured 0.14-0.33
 
 
-def test_efficientnet_weights_are_imagenet(default_encoder):
-    """The order-based name mapping gives a working ImageNet classifier and the encoder's trunk."""
+def test_efficientnet_weights_are_imagenet():
+    """The order-based name mapping gives a working ImageNet classifier and the encoder's trunk.
+
+    At ImageNet's 224 px: at the default 96 px (ShapeMotion's size) the classifier calls the
+    espresso a coffeepot."""
+    encoder = load_encoder("default", image_size=224)
     classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     load_efficientnet_lite0(classifier)
-    x = torch.cat([default_encoder.preprocess_frames(_photo(n)) for n in ("chelsea", "coffee")])
+    x = torch.cat([encoder.preprocess_frames(_photo(n)) for n in ("chelsea", "coffee")])
     with torch.no_grad():
         top1 = classifier(x).argmax(-1).tolist()
         pooled = classifier.forward_head(classifier.forward_features(x), pre_logits=True)
-        trunk = default_encoder.model.visual.trunk(x)
+        trunk = encoder.model.visual.trunk(x)
     assert 281 <= top1[0] <= 285  # ImageNet domestic cat classes (tabby ... Egyptian cat)
     assert top1[1] == 967  # espresso
     torch.testing.assert_close(trunk, pooled, rtol=1e-4, atol=1e-4)
@@ -110,9 +114,9 @@ def test_efficientnet_mapping_errors(tmp_path):
 
 def test_normalisation_is_half_half(default_encoder):
     assert default_encoder.mean == default_encoder.std == (0.5, 0.5, 0.5)
-    levels = np.stack([np.full((160, 160, 3), v, np.uint8) for v in (0, 128, 255)])
+    levels = np.stack([np.full((96, 96, 3), v, np.uint8) for v in (0, 128, 255)])
     x = default_encoder.preprocess_frames(levels)
-    assert x.shape == (3, 3, 160, 160)
+    assert x.shape == (3, 3, 96, 96)
     expected = torch.tensor([-1.0, (128 / 255 - 0.5) / 0.5, 1.0])
     torch.testing.assert_close(x.amax(dim=(1, 2, 3)), expected)
     torch.testing.assert_close(x.amin(dim=(1, 2, 3)), expected)
@@ -123,9 +127,9 @@ def test_preprocess_resizes_and_center_crops(default_encoder):
     frame = np.zeros((1, 200, 400, 3), np.uint8)
     frame[:, :, 100:300] = 255  # white centre square, black side bands that the crop removes
     x = default_encoder.preprocess_frames(frame)
-    assert x.shape == (1, 3, 160, 160)
+    assert x.shape == (1, 3, 96, 96)
     assert x[..., 2:-2].min() > 0.99  # only the bicubic kernel at the crop edge sees black
-    assert x.min() > 0.9
+    assert x.min() > 0.8  # the edge columns: 0.87 at 96 px (a 2.1x antialiased downscale)
     with pytest.raises(ValueError, match=r"uint8 RGB \(N, H, W, 3\)"):
         default_encoder.preprocess_frames(np.zeros((1, 8, 8, 3), np.float32))
     with pytest.raises(TypeError, match="list of strings"):
@@ -213,6 +217,38 @@ def test_open_clip_local_checkpoint(vit_s, tmp_path):
     torch.testing.assert_close(enc.encode_image(frames), expected)
     assert not torch.allclose(random.encode_image(frames), expected)
     assert enc.cache_id.startswith("ViT-S-32-file-sha256-") and enc.cache_id != random.cache_id
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_open_clip_context_32_reads_the_first_positions_as_clip4clip(dtype):
+    # CLIP4Clip (ArrowLuo/CLIP4Clip modules/module_clip.py CLIP.encode_text) feeds 32 tokens to the
+    # 77-position CLIP: positional_embedding[:32], the causal mask at length 32, the feature at the
+    # end-of-text token. A caption shorter than 32 tokens gives the full model's feature (the causal
+    # mask hides the padding after it); a longer one, the full model's on its 32-token truncation.
+    import open_clip
+
+    full = load_encoder("ViT-S-32", pretrained=None, image_size=32)
+    short = load_encoder("ViT-S-32", pretrained=None, image_size=32, context_length=32)
+    full.model.to(dtype)
+    short.model.to(dtype)
+    assert short.model.positional_embedding.shape == (32, 384) and short.cache_id != full.cache_id
+    torch.testing.assert_close(short.model.positional_embedding, full.model.positional_embedding[:32], rtol=0, atol=0)
+    captions = ["a dog runs", "a man is talking about a red car in a small room"]
+    long = " ".join(["red"] * 40)
+    tokens = short.tokenize(captions + [long])
+    assert tokens.shape == (3, 32) and tokens.argmax(-1).tolist()[2] == 31  # truncated: end-of-text kept last
+    with torch.no_grad():
+        got = short.model.encode_text(tokens)
+        want = full.model.encode_text(full.tokenize(captions))
+        truncated = full.model.encode_text(F.pad(tokens[2:], (0, 77 - 32)))  # the 32 tokens, zero-padded to 77
+    assert got.dtype == dtype
+    torch.testing.assert_close(got[:2], want)
+    torch.testing.assert_close(got[2:], truncated)
+    mask = torch.full((32, 32), float("-inf")).triu_(1)  # CLIP4Clip build_attention_mask(32)
+    assert torch.equal(short.model.attn_mask, mask)
+    with pytest.raises(ValueError, match=r"context_length=100 is outside \[1, 77\].*use at most 77"):
+        load_encoder("ViT-S-32", pretrained=None, image_size=32, context_length=100)
+    assert open_clip.get_tokenizer("ViT-S-32", context_length=32)(captions).shape == (2, 32)
 
 
 def test_bad_names():

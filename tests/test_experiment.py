@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from vidret_lib import experiment
-from vidret_lib.experiment import ledger_path, load_or_run, run_variant, source_id, table
+from vidret_lib.datasets import Split
+from vidret_lib.experiment import ledger_path, load_or_run, run_variant, scored_counts, source_id, table
 from vidret_lib.results import read_results
 from vidret_lib.train import FeatureSplit, TrainConfig, evaluate, train
 
@@ -70,8 +71,38 @@ def test_run_variant_records_per_query_ranks_and_the_test_set_counts(tmp_path, s
                     assert len(got["ranks"]) == got["n_queries"] == n
                     assert 100 * np.mean(np.array(got["ranks"]) <= 1) == pytest.approx(got["R1"])
     assert all("ranks" not in key for s in m["summary"].values() for w in s.values() for key in w)
-    assert m["test_set"] == {"n_test_queries": 24, "n_test_videos": 12, "excluded_videos": dict(te.excluded)}
-    assert table([rec], ["t2v_R1"]).splitlines()[-1].endswith("| 24 | 12 (1 excluded) |")
+    # without the full split, its size is what was scored plus the excluded videos (their captions are not known)
+    assert m["test_set"] == {"n_test_queries": 24, "n_test_videos": 12, "excluded_videos": dict(te.excluded),
+                             "caption_video": te.caption_video.tolist(), "n_split_queries": None, "n_split_videos": 13}
+    assert table([rec], ["t2v_R1"]).splitlines()[-1].endswith("| 24 | 12 of 13 (1 excluded: incomplete split) |")
+
+
+def test_run_variant_records_the_full_split_size_and_each_querys_video(tmp_path, splits, counted_train):
+    tr, va, te = splits
+    te = dataclasses.replace(te, video_ids=tuple(f"t{i}" for i in range(12)))
+    # the dataset's split: 20 videos, 2 captions each; 8 videos (not on disk) never reached the features
+    full = Split("test", [f"caption {i}" for i in range(40)], [f"t{i // 2}" for i in range(40)])
+    rec = run_variant("v", CONFIG, [0], tr, va, te, str(tmp_path), "nb", "data-a", full_test_split=full)
+    ts = rec["metrics"]["test_set"]
+    assert (ts["n_split_queries"], ts["n_split_videos"]) == (40, 20)
+    want = [v for v in range(12) for _ in range(2)]  # naive: caption i of _split describes video i // 2
+    assert ts["caption_video"] == want
+    assert scored_counts(ts) == ("24 of 40", "12 of 20", " (8 excluded: incomplete split)")
+    assert table([rec], ["t2v_R1"]).splitlines()[-1].endswith("| 24 of 40 | 12 of 20 (8 excluded: incomplete split) |")
+    complete = Split("test", [f"caption {i}" for i in range(24)], [f"t{i // 2}" for i in range(24)])
+    rec = run_variant("v", CONFIG, [0], tr, va, te, str(tmp_path), "nb", "data-a", full_test_split=complete)
+    assert counted_train == [0], "another split size rewrites the record from the kept seed runs"
+    assert scored_counts(rec["metrics"]["test_set"]) == ("24", "12", "")
+    assert table([rec], ["t2v_R1"]).splitlines()[-1].endswith("| 24 | 12 |")
+    other = Split("val", ["x", "y"], ["v0", "t3"])
+    with pytest.raises(ValueError, match=r"full_test_split 'val' lacks 11 scored test videos.*pass the split"):
+        run_variant("v", CONFIG, [0], tr, va, te, str(tmp_path), "nb", "data-a", full_test_split=other)
+
+
+def test_scored_counts_of_records_written_before_the_split_size_was_stored():
+    old = {"n_test_queries": 1200, "n_test_videos": 600, "excluded_videos": {"v9": "decode error"}}
+    assert scored_counts(old) == ("1,200", "600", " (1 excluded)")
+    assert scored_counts({**old, "excluded_videos": {}}) == ("1,200", "600", "")
 
 
 def test_run_variant_refuses_overlapping_train_and_test_splits(tmp_path, splits, counted_train):

@@ -92,9 +92,88 @@ def test_every_parameter_is_annotated_and_its_default_fits(tmp_path, monkeypatch
 def test_committed_profiles_pass_the_check(profile):
     overrides = profiles.profile_overrides(profile)
     assert set(overrides) == {p.stem for p in NOTEBOOKS}
-    if profile == "msrvtt-gpu":  # OpenAI weights need the QuickGELU model; the source is set once
+    if profile == "msrvtt-frozen":  # OpenAI weights need the QuickGELU model; the source is set once
         assert {o["encoder"] for s, o in overrides.items() if "encoder" in o} == {"ViT-B-32-quickgelu"}
         assert "msrvtt_source" in yaml.safe_load(profiles.read_profile(profile)[0].read_text())["common"]
+
+
+def test_msrvtt_gpu_is_an_alias_of_msrvtt_frozen_and_the_rehearsal_changes_only_sizes_and_places():
+    frozen = profiles.profile_overrides("msrvtt-frozen")
+    assert profiles.profile_overrides("msrvtt-gpu") == frozen
+    rehearsal = profiles.profile_overrides("msrvtt-rehearsal")
+    assert profiles.profile_settings("msrvtt-rehearsal") == {"prepare": "data_prep.rehearsal"}
+    same = ("dataset", "device", "train_split", "val_split", "test_split", "title_source", "lr")
+    for stem, values in frozen.items():
+        assert {k: v for k, v in rehearsal[stem].items() if k in same} == {k: v for k, v in values.items() if k in same}
+        assert all(str(v).startswith("../runs/msrvtt-rehearsal/") for k, v in rehearsal[stem].items()
+                   if k in ("msrvtt_source", "data_dir", "cache_dir", "results_dir", "figures_dir", "pretrained")), \
+            rehearsal[stem]
+
+
+def test_extends_merges_sections_key_by_key_and_inherits_settings(tiny):
+    (tiny / "base.yaml").write_text("prepare: some.module\ncommon:\n  results_dir: ../base\n"
+                                    "02_vsepp:\n  lr: 0.5\n  epochs: 3\n")
+    (tiny / "mid.yaml").write_text("extends: base\n02_vsepp:\n  epochs: 1\n")
+    (tiny / "top.yaml").write_text("extends: mid\ncommon:\n  msrvtt_source: /m\n")
+    assert profiles.profile_overrides("top") == {
+        "02_vsepp": {"results_dir": "../base", "msrvtt_source": "/m", "lr": 0.5, "epochs": 1},
+        "07_summary": {"results_dir": "../base"},
+    }
+    assert profiles.profile_settings("top") == profiles.profile_settings("base") == {"prepare": "some.module"}
+    assert profiles.profile_settings("mid") == {"prepare": "some.module"}
+
+
+BAD_EXTENDS = {  # files -> what the one-line error must say
+    (("a.yaml", "extends: b\n"), ("b.yaml", "extends: a\n")): r"b\.yaml: extends 'a', which extends back to 'b' \(a -> b -> a\)",
+    (("a.yaml", "extends: a\n"),): r"extends 'a', which extends back to 'a'",
+    (("a.yaml", "extends: nope\n"),): r"a\.yaml: extends 'nope', but .*nope\.yaml is absent",
+    (("a.yaml", "extends: [b]\n"),): r"a\.yaml: extends must name a profile, not \['b'\]",
+    (("a.yaml", "prepare:\n"),): r"a\.yaml: prepare must name a module, not None",
+}
+
+
+@pytest.mark.parametrize("files", BAD_EXTENDS, ids=lambda f: "|".join(t.strip() for _, t in f))
+def test_bad_extends_or_prepare_is_a_one_line_error(tiny, files):
+    for name, text in files:
+        (tiny / name).write_text(text)
+    with pytest.raises(profiles.ProfileError, match=BAD_EXTENDS[files]) as err:
+        profiles.profile_overrides("a")
+    assert "\n" not in str(err.value)
+
+
+def _kernel_env(code, **env):
+    """Run ``code`` after ``apply_smoke`` in a fresh Python (as a notebook kernel would), with ``env`` set."""
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if k not in (profiles.CUDA_RULES_ENV, profiles.OPEN_CLIP_CONFIGS_ENV)}
+    script = f"from vidret_lib import profiles\nprofiles.apply_smoke({{}}, '07_summary')\n{code}"
+    return subprocess.run([sys.executable, "-c", script], env={**environment, "VIDRET_SMOKE": "0", **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_kernel_environment_enters_cuda_rules_and_registers_model_configs(tmp_path):
+    code = ("import torch\nx = torch.ones(2).to('cuda')\nprint(x.device, torch.cuda.is_available())\n"
+            "import open_clip\nprint('Tiny-X' in open_clip.list_models())\ntorch.ones(2) + x\n")
+    (tmp_path / "Tiny-X.json").write_text(json.dumps({"embed_dim": 8, "vision_cfg": {}, "text_cfg": {}}))
+    run = _kernel_env(code, VIDRET_CUDA_RULES="1", VIDRET_OPEN_CLIP_CONFIGS=str(tmp_path / "Tiny-X.json"))
+    assert run.stdout.splitlines() == ["cuda:0 True", "True"], run.stderr
+    assert "RuntimeError: Expected all tensors to be on the same device" in run.stderr
+    modes = "import torch\nprint(len(torch.overrides._get_current_function_mode_stack()))\n"
+    assert _kernel_env(modes, VIDRET_CUDA_RULES="0").stdout == "0\n"  # 0 or unset: no rules
+    assert _kernel_env(modes, VIDRET_CUDA_RULES="2").stdout == "1\n"
+
+
+@pytest.mark.parametrize("env, error", [
+    ({"VIDRET_CUDA_RULES": "yes"}, r"VIDRET_CUDA_RULES='yes': give the number of virtual GPUs"),
+    ({"VIDRET_OPEN_CLIP_CONFIGS": "/nowhere/Tiny.json"}, r"VIDRET_OPEN_CLIP_CONFIGS: /nowhere/Tiny\.json does not exist"),
+])
+def test_bad_kernel_environment_is_named(monkeypatch, env, error):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        profiles.apply_smoke({}, "07_summary")
 
 
 def test_common_applies_where_defined_and_anchor_sections_are_not_notebooks(tiny):

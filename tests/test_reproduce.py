@@ -126,6 +126,41 @@ def test_kernels_use_ipc_and_a_failing_cell_is_named(project, monkeypatch, capsy
     assert not (project / "executed" / "default" / "01_a.stamp").exists(), "a failed notebook must not look up to date"
 
 
+def test_cuda_rules_reach_the_kernels_and_a_run_under_them_is_another_check(project, monkeypatch, capsys):
+    fake = FakeNotebooks()
+    seen = []
+    monkeypatch.setattr(pm, "execute_notebook", lambda *a, **kw: seen.append(os.environ.get(profiles.CUDA_RULES_ENV))
+                        or fake(*a, **kw))
+    monkeypatch.delenv(profiles.CUDA_RULES_ENV, raising=False)
+    assert run(capsys) == {"01_a": "ran (never ran)", "07_summary": "ran (never ran)"} and seen == [None, None]
+    monkeypatch.setenv(profiles.CUDA_RULES_ENV, "")  # main() sets it: monkeypatch restores it after the test
+    changed = "ran (notebook, parameters or library changed)"
+    assert run(capsys, "--cuda-rules", "1") == {"01_a": changed, "07_summary": changed} and seen[2:] == ["1", "1"]
+    assert run(capsys, "--cuda-rules", "1") == {"01_a": "up to date", "07_summary": "up to date"}
+    with pytest.raises(SystemExit):
+        reproduce.main(["--profile", "default", "--cuda-rules", "-1"])
+
+
+def test_prepare_runs_before_any_notebook_and_its_environment_reaches_the_kernels(project, monkeypatch, capsys):
+    (project / "prep_for_test.py").write_text(
+        "import os\nCALLS = []\n\ndef prepare():\n    CALLS.append(os.environ.get('SEEN_BY_KERNEL'))\n"
+        "    return {'SEEN_BY_KERNEL': 'prepared'}\n")
+    monkeypatch.syspath_prepend(str(project))
+    monkeypatch.setenv("SEEN_BY_KERNEL", "")
+    (project / "params" / "default.yaml").write_text("prepare: prep_for_test\n")
+    seen = []
+    monkeypatch.setattr(pm, "execute_notebook", lambda src, out, **kw: seen.append(os.environ["SEEN_BY_KERNEL"])
+                        or Path(out).write_text("{}"))
+    assert reproduce.main(["--profile", "default"]) == 0
+    import prep_for_test
+
+    assert prep_for_test.CALLS == [""] and seen == ["prepared", "prepared"]
+    assert capsys.readouterr().out.startswith("[default] prepared by prep_for_test: {'SEEN_BY_KERNEL': 'prepared'}")
+    (project / "params" / "default.yaml").write_text("prepare: no_such_module_here\n")
+    with pytest.raises(SystemExit, match=r"prepare: no_such_module_here, which cannot be imported .*params/default\.yaml"):
+        reproduce.main(["--profile", "default"])
+
+
 @pytest.mark.slow
 def test_a_real_kernel_prints_no_transport_warning(project, capfd):
     (project / "params" / "default.yaml").write_text("01_a:\n  scale: 2.5\n")

@@ -10,7 +10,8 @@ import scipy.stats
 
 from vidret_lib import stats
 from vidret_lib.stats import (HOLDS, INCONCLUSIVE, NO_EFFECT, REVERSED, bootstrap_difference, compare_ranks,
-                              discordance, per_query, r1_half_width, spearman_difference, verdict)
+                              design_effect, discordance, min_detectable_difference, per_query, r1_half_width,
+                              spearman_difference, verdict)
 
 DTYPES = [np.float32, np.float64]
 
@@ -191,6 +192,120 @@ def test_verdict_on_a_real_bootstrap_of_ranks():
     assert verdict(compare_ranks(a, b, "rank"), 1.0, higher_is_better=stats.higher_is_better("rank")).outcome == HOLDS
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cluster_bootstrap_draws_videos_as_enumerated(dtype):
+    # 3 videos with 2, 1 and 1 captions: a draw of 3 videos holds 3 to 6 captions, and its mean is over them
+    clusters = np.array([7, 7, 2, 5])
+    d = np.array([0.0, 3.0, 1.0, 5.0], dtype=dtype)
+    ci = bootstrap_difference(np.zeros(4, dtype), d, clusters=clusters, n_resamples=20_000)
+    members = [np.flatnonzero(clusters == c) for c in np.unique(clusters)]
+    exact: dict[float, float] = {}
+    for draw in itertools.product(range(3), repeat=3):  # every equally likely draw of 3 videos
+        key = round(float(np.concatenate([d.astype(float)[members[c]] for c in draw]).mean()), 9)
+        exact[key] = exact.get(key, 0.0) + 1 / 27
+    _assert_same_pmf(_empirical(ci.distribution), exact, 20_000)
+    assert ci.estimate == pytest.approx(2.25) and ci.n_items == 4 and ci.n_clusters == 3
+    assert "4 items in 3 clusters" in str(ci)
+
+
+def _naive_cluster_bootstrap(a, b, clusters, n_resamples, rng_seed):
+    """Loop over resamples: draw videos, then seeds (shared by a and b), with the generator calls the
+    module documents (one chunk: (R, C) video draws, then (R, S) seed draws); concatenate the drawn videos'
+    queries and average each drawn seed's mean over them."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    labels = np.unique(clusters)
+    members = [np.flatnonzero(clusters == c) for c in labels]  # videos numbered in sorted label order
+    rng = np.random.default_rng(rng_seed)
+    videos = rng.integers(0, len(labels), (n_resamples, len(labels)))
+    seeds = rng.integers(0, a.shape[0], (n_resamples, a.shape[0]))
+    out = []
+    for r in range(n_resamples):
+        queries = np.concatenate([members[c] for c in videos[r]])
+        out.append(np.mean([b[s, queries].mean() for s in seeds[r]]) - np.mean([a[s, queries].mean() for s in seeds[r]]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_level_cluster_bootstrap_equals_a_naive_loop(dtype):
+    g = np.random.default_rng(20)
+    clusters = np.array([5, 5, 2, 9, 2, 2, 7, 9])  # 4 videos of 2, 3, 1 and 2 captions, labels out of order
+    a, b = g.integers(1, 5, (3, 8)).astype(dtype), g.integers(1, 5, (3, 8)).astype(dtype)
+    ci = compare_ranks(a, b, "RR", clusters=clusters, n_resamples=400, rng_seed=3)
+    want = _naive_cluster_bootstrap(per_query(a, "RR"), per_query(b, "RR"), clusters, 400, 3)
+    np.testing.assert_allclose(ci.distribution, want, rtol=0, atol=1e-12)
+    assert ci.paired_seeds and ci.n_seeds == (3, 3) and ci.n_clusters == 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_query_per_cluster_is_the_query_bootstrap(dtype):
+    g = np.random.default_rng(21)
+    a, b = g.integers(1, 9, (2, 60)).astype(dtype), g.integers(1, 9, (2, 60)).astype(dtype)
+    plain = compare_ranks(a, b, "R1", n_resamples=3000)
+    for clusters in (np.arange(60), 10 + 3 * np.arange(60, dtype=np.int32)):  # any increasing distinct labels
+        clustered = compare_ranks(a, b, "R1", clusters=clusters, n_resamples=3000)
+        np.testing.assert_array_equal(clustered.distribution, plain.distribution)
+        assert (clustered.low, clustered.high, clustered.estimate) == (plain.low, plain.high, plain.estimate)
+    assert plain.n_clusters is None and clustered.n_clusters == 60
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_design_effect_is_the_ratio_of_the_two_bootstrap_variances(dtype):
+    g = np.random.default_rng(22)
+    videos, m = 400, 3
+    clusters = np.repeat(np.arange(videos), m)
+    shared = np.repeat(g.random(videos) < 0.5, m)  # half of the videos: their 3 captions share one outcome
+    outcome = np.where(shared, np.repeat(g.integers(-1, 2, videos), m), g.integers(-1, 2, videos * m))
+    a, b = (100.0 * (outcome < 0)).astype(dtype), (100.0 * (outcome > 0)).astype(dtype)
+    deff = design_effect(a, b, clusters)
+    assert design_effect(a, b, np.arange(videos * m)) == pytest.approx(1.0, rel=1e-12)
+    d = b.astype(np.float64) - a.astype(np.float64)  # naive: sum over videos of (T_c - m dbar)^2 over sum of (d_i - dbar)^2
+    totals = np.array([d[clusters == c].sum() for c in range(videos)])
+    assert deff == pytest.approx(np.sum((totals - m * d.mean()) ** 2) / np.sum((d - d.mean()) ** 2), rel=1e-12)
+    assert deff == pytest.approx(1 + (m - 1) * 0.5, rel=0.15)  # rho = 0.5 by construction
+    by_query = bootstrap_difference(a, b, n_resamples=4000)
+    by_video = bootstrap_difference(a, b, clusters=clusters, n_resamples=4000)
+    assert by_video.half_width / by_query.half_width == pytest.approx(np.sqrt(deff), rel=0.08)
+    assert by_video.half_width == pytest.approx(r1_half_width(videos * m, float(np.mean(d != 0)), deff=deff), rel=0.08)
+
+
+def _simulated_differences(g, true_difference, videos, m, p, rho, sims):
+    """(sims, videos * m) per-query R@1 differences b - a in {+100, 0, -100} of ``sims`` simulated studies:
+    discordance p, mean ``true_difference``; with probability rho all captions of a video share one outcome,
+    else each draws its own (intra-video correlation rho, so deff = 1 + (m - 1) rho)."""
+    win, lose = p / 2 + true_difference / 200, p / 2 - true_difference / 200
+
+    def outcome(shape):
+        u = g.random(shape)
+        return np.where(u < win, 100.0, np.where(u < win + lose, -100.0, 0.0))
+
+    shared = g.random((sims, videos, 1)) < rho
+    return np.where(shared, outcome((sims, videos, 1)), outcome((sims, videos, m))).reshape(sims, videos * m)
+
+
+def test_min_detectable_difference_is_detected_with_the_stated_power_in_a_simulation():
+    videos, m, p, rho, sims = 500, 2, 0.2, 0.5, 4000
+    n, deff = videos * m, 1 + (m - 1) * rho
+    z, z_power = 1.959964, 0.841621  # 95% two-sided, 80% power
+    mdd = min_detectable_difference(n, p, deff=deff)
+    assert mdd == pytest.approx((z + z_power) * 100 * np.sqrt(p * deff / n), rel=1e-6)
+    assert r1_half_width(n, p, deff=deff) == pytest.approx(z * 100 * np.sqrt(p * deff / n), rel=1e-6)
+    g = np.random.default_rng(23)
+    null = _simulated_differences(g, 0.0, videos, m, p, rho, sims).mean(1)
+    # Monte-Carlo sd of a standard deviation over 4,000 studies: 1.1%; 5% is > 4 sd
+    assert null.std() == pytest.approx(100 * np.sqrt(p * deff / n), rel=0.05)
+
+    def power(true_difference):  # share of studies whose 95% video-level normal CI excludes 0
+        d = _simulated_differences(g, true_difference, videos, m, p, rho, sims)
+        dbar = d.mean(1)
+        totals = d.reshape(sims, videos, m).sum(2)
+        se = np.sqrt(np.sum((totals - m * dbar[:, None]) ** 2, 1)) / n  # sqrt(var_videos), as design_effect
+        return np.mean(np.abs(dbar) > z * se)
+
+    # Monte-Carlo sd of a power of 0.8 over 4,000 studies: 0.006; 0.03 is 5 sd (the variance at mdd is 1% smaller)
+    assert power(mdd) == pytest.approx(0.8, abs=0.03)
+    assert power(min_detectable_difference(n, p)) < 0.7, "ignoring the design effect overstates the power"
+
+
 def test_r1_half_width_predicts_the_bootstrap_half_width():
     assert r1_half_width(200, 0.2) == pytest.approx(1.959964 * 100 * np.sqrt(0.2 / 200), rel=1e-6)
     g = np.random.default_rng(13)
@@ -219,6 +334,13 @@ def test_r1_half_width_predicts_the_bootstrap_half_width():
     (lambda: per_query([0, 1], "R1"), ">= 1"),
     (lambda: per_query([1, 2], "MdR"), "unknown per-query metric"),
     (lambda: r1_half_width(200, 1.5), "discordance"),
+    (lambda: r1_half_width(200, 0.2, deff=0.0), "deff"),
+    (lambda: min_detectable_difference(200, 0.2, power=80), "power"),
+    (lambda: bootstrap_difference(np.zeros(4), np.ones(4), clusters=[0, 0, 1]), r"clusters must be \(Q,\) = \(4,\)"),
+    (lambda: bootstrap_difference(np.zeros(4), np.ones(4), clusters=[0.0, 0, 1, 1]), "clusters must be integers"),
+    (lambda: bootstrap_difference(np.zeros(4), np.ones(4), clusters=[3, 3, 3, 3]), "too few videos"),
+    (lambda: design_effect(np.zeros(4), np.ones(4), [0, 0, 1, 1]), "no variance"),
+    (lambda: design_effect(np.zeros(4), np.ones(5), [0, 0, 1, 1]), "same number"),
 ])
 def test_bad_input_is_refused_by_name(call, message):
     with pytest.raises(ValueError, match=message):
@@ -237,7 +359,8 @@ def test_verdict_table_orients_every_row_so_that_positive_means_b_is_better(dtyp
     a = g.integers(1, 6, 300).astype(dtype)
     b = np.where(g.random(300) < 0.3, 1.0, a).astype(dtype)  # b ranks 30% of the queries first
     r1 = verdict(compare_ranks(a, b, "R1", n_resamples=2000), 5.0, higher_is_better=True)
-    rank = verdict(compare_ranks(a, b, "rank", n_resamples=2000), 0.5, higher_is_better=False)
+    rank = verdict(compare_ranks(a, b, "rank", clusters=np.arange(300) // 2, n_resamples=2000), 0.5,
+                   higher_is_better=False)
     table = stats.verdict_table([
         {"claim": "b beats a", "comparison": "a -> b", "metric": "R@1", "verdict": r1, "scored": "300 queries"},
         {"claim": "b ranks higher", "comparison": "a -> b", "metric": "mean rank", "verdict": rank}])
@@ -252,6 +375,7 @@ def test_verdict_table_orients_every_row_so_that_positive_means_b_is_better(dtyp
     assert table["paper's effect"].tolist() == [5.0, 0.5]
     assert table["scored"].tolist() == ["300 queries", ""]
     assert table["n_items"].tolist() == [300, 300] and table["seeds"].tolist() == ["1/1", "1/1"]
+    assert table["n_clusters"].tolist() == [None, 150]
 
 
 @pytest.mark.parametrize("row, message", [

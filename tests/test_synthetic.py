@@ -1,4 +1,5 @@
 """ShapeMotion generator: determinism, resumability, and every property the notebooks rely on."""
+import hashlib
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import replace
@@ -13,6 +14,7 @@ from data_prep import grammar
 from data_prep.synthetic import (
     PRESETS,
     REVERSE_MOTION,
+    STATIC_FACTS,
     VARIABLE_ATTRIBUTES,
     SyntheticConfig,
     build_annotations,
@@ -21,6 +23,7 @@ from data_prep.synthetic import (
     main,
     quantise,
     relevance,
+    static_pairs,
 )
 from data_prep.synthetic_render import render_frames
 from vidret_lib.cache import load_json
@@ -80,6 +83,17 @@ def test_resume_after_kill_gives_same_result(smoke, tmp_path):
     assert videos[7].stat().st_mtime_ns == untouched  # finished videos are not redone
 
 
+def test_worker_processes_write_the_same_bytes(smoke, tmp_path):
+    def digests(root):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((root / "videos").glob("*.mp4"))}
+
+    one = digests(generate(tmp_path / "one", "smoke", seed=0, workers=1).root)
+    two = digests(generate(tmp_path / "two", "smoke", seed=0, workers=2).root)
+    assert len(one) == SMOKE.n_train + SMOKE.n_val + SMOKE.n_test and one == two == digests(smoke)
+    with pytest.raises(ValueError, match="workers=0"):
+        generate(tmp_path / "zero", "smoke", workers=0)
+
+
 def test_refuses_to_mix_two_datasets(smoke, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(smoke, work)
@@ -101,6 +115,18 @@ def test_bad_config_and_size_are_named():
 # ------------------------------------------------------------------ layout, splits, videos
 
 
+def test_default_size_has_power(annotations):
+    """Issue 12: a 1,000-video test gallery with 2 captions each, 500 val videos, train as before."""
+    cfg = PRESETS["default"]
+    assert (cfg.n_train, cfg.n_val, cfg.n_test) == (600, 500, 1000) and cfg.sampled_frames == 8
+    videos, splits, _ = annotations
+    per_video = {name: Counter(r["video_id"] for r in rows) for name, rows in splits.items()}
+    assert [len(per_video[s]) for s in ("train", "val", "test")] == [600, 500, 1000]
+    assert {s: set(c.values()) for s, c in per_video.items()} == {"train": {5}, "val": {1}, "test": {2}}
+    with pytest.raises(ValueError, match="captions_per_test_video=0"):
+        SyntheticConfig(captions_per_test_video=0)
+
+
 def test_layout_splits_and_caption_counts(smoke):
     ds = load_dataset(smoke)
     assert ds.name == "shapemotion-smoke" and ds.info["seed"] == 0 and ds.info["version"]
@@ -109,7 +135,7 @@ def test_layout_splits_and_caption_counts(smoke):
     for name, n in (("train", SMOKE.n_train), ("val", SMOKE.n_val), ("test", SMOKE.n_test)):
         sp = ds.split(name)
         per_video = Counter(sp.caption_video_ids)
-        expected = SMOKE.captions_per_train_video if name == "train" else 1
+        expected = {"train": SMOKE.captions_per_train_video, "val": 1, "test": SMOKE.captions_per_test_video}[name]
         assert len(sp.video_ids) == n and set(per_video.values()) == {expected}
         assert all(ds.videos[v]["split"] == name for v in sp.video_ids)
         split_videos[name] = set(sp.video_ids)
@@ -239,7 +265,7 @@ def test_underspecified_share_follows_rate():
 def test_title_missing_and_wrong_rates(annotations):
     videos, _, _ = annotations
     for missing, wrong in ((0.15, 0.15), (0.0, 0.5), (0.3, 0.0)):
-        cfg = replace(PRESETS["default"], title_missing_rate=missing, title_wrong_rate=wrong)
+        cfg = replace(PRESETS["default"], n_val=100, n_test=200, title_missing_rate=missing, title_wrong_rate=wrong)
         records, _, _ = build_annotations(cfg, seed=1)
         assert abs(_share(v["title"] is None for v in records) - missing) < 0.04
         assert abs(_share(v["title_correct"] is False for v in records) - wrong) < 0.04
@@ -340,3 +366,40 @@ def test_zero_noise_gives_clean_labels():
     attrs = {v["video_id"]: v["attributes"] for v in videos}
     for r in pairs["train"]:
         assert r["label"] == quantise(relevance(attrs[r["video_a"]], attrs[r["video_b"]]), cfg.label_levels)
+
+
+# ------------------------------------------------------------------ still image-text pairs (pretraining)
+
+
+def test_static_pairs_are_deterministic_and_of_their_own_stream():
+    frames, captions, facts = static_pairs(30, 0, SMOKE, captions_per_image=2)
+    assert frames.shape == (30, SMOKE.frame_size, SMOKE.frame_size, 3) and frames.dtype == np.uint8
+    again = static_pairs(30, 0, SMOKE, captions_per_image=2)
+    assert (again[0] == frames).all() and again[1:] == (captions, facts)
+    longer = static_pairs(40, 0, SMOKE, captions_per_image=2)  # image i does not depend on n_images
+    assert (longer[0][:30] == frames).all() and longer[1][:30] == captions
+    other = static_pairs(30, 1, SMOKE, captions_per_image=2)
+    assert other[1] != captions and not (other[0] == frames).all()
+    assert all(len(set(c)) == 2 for c in captions)  # distinct captions per image
+    videos, splits, _ = build_annotations(SMOKE, seed=0)
+    sentences = {r["sentence"] for rows in splits.values() for r in rows}
+    assert len(sentences & {c for cs in captions for c in cs}) < 5  # another stream, not the dataset's text
+    with pytest.raises(ValueError, match="n_images >= 1"):
+        static_pairs(0, 0, SMOKE)
+
+
+def test_static_captions_state_only_static_facts():
+    _, captions, facts = static_pairs(300, 0, PRESETS["default"], captions_per_image=2)
+    motion_phrases = [p for phrases in grammar.MOTION_PHRASES.values() for pair in phrases for p in pair]
+    event_words = {"then", "turns", "turning", "becoming", "replaced", "changes", "changing", "drift", "drifts"}
+    stated = Counter()
+    for caps, fs in zip(captions, facts):
+        for text, f in zip(caps, fs):
+            assert "shape" in f and set(f) <= set(STATIC_FACTS), (text, f)
+            stated.update(f)
+            assert not any(p in text for p in motion_phrases) and not set(text.split()) & event_words, text
+            backgrounds = [p for ps in grammar.BACKGROUND_PHRASES.values() for p in ps]
+            assert any(p in text for p in backgrounds) == ("background" in f), text
+    assert set(stated) == set(STATIC_FACTS)  # every static fact is said somewhere
+    with pytest.raises(ValueError, match="a still image shows no motion"):
+        grammar.caption(np.random.default_rng(0), {"shape": "star", "motion": "up"}, ["shape", "motion"], still=True)

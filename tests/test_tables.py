@@ -11,8 +11,8 @@ from vidret_lib import stats
 from vidret_lib.experiment import summarize
 from vidret_lib.metrics import summarize_ranks
 from vidret_lib.results import read_results, write_results
-from vidret_lib.tables import (pair_scores, query_ranks, results_frame, stat, summary_frame, scored_on,
-                               val_curves, verdicts_frame, write_verdicts)
+from vidret_lib.tables import (QUERY_VIEWS, pair_scores, query_clusters, query_ranks, results_frame, stat,
+                               summary_frame, scored_on, val_curves, verdicts_frame, write_verdicts)
 
 COMMITTED = Path(__file__).resolve().parents[1] / "results"
 EVALS, CHECKPOINTS, DIRECTIONS = ("plain", "dsl"), ("selected", "last"), {"t2v": 30, "v2t": 10}
@@ -110,12 +110,14 @@ def test_query_ranks_say_what_is_missing(results_dir):
 
 @pytest.mark.skipif(not COMMITTED.is_dir(), reason="no committed results/ folder in this checkout")
 def test_committed_results_read_back_to_their_own_summaries():
-    df = results_frame(COMMITTED)
+    df = results_frame(COMMITTED, queries=QUERY_VIEWS)
     assert set(df.notebook) >= {"01_clip4clip", "06_cikm_lbpc"}
     files = df.groupby(["notebook", "variant"])["file"].first()
     summaries = {key: read_results(COMMITTED / f)["metrics"]["summary"] for key, f in files.items()}
     checked = 0
-    for row in summary_frame(df).itertuples():
+    summary = summary_frame(df)
+    assert set(summary[summary.queries == "first_per_video"].direction) <= {"t2v"}
+    for row in summary[summary.queries == "all"].itertuples():
         summary = summaries[row.notebook, row.variant]
         if row.direction == "pairs":
             want = summary[row.split]
@@ -124,6 +126,117 @@ def test_committed_results_read_back_to_their_own_summaries():
         assert (row.mean, row.std, row.n) == (pytest.approx(want["mean"]), pytest.approx(want["std"], abs=1e-9), want["n"])
         checked += 1
     assert checked > 100
+
+
+# 10 test videos of 3 captions each, rows not grouped by video: the first caption of video v is its first row
+CAPTION_VIDEO = np.random.default_rng(5).permutation(np.repeat(np.arange(10), 3))
+
+
+def _first_rows(caption_video) -> list[int]:
+    """Naive: walk the rows, keep a row whose video was not seen yet."""
+    seen, rows = set(), []
+    for i, v in enumerate(caption_video):
+        if v not in seen:
+            seen.add(v)
+            rows.append(i)
+    return rows
+
+
+def _with_videos(results_dir: Path, name: str, caption_video=CAPTION_VIDEO, **split_size) -> Path:
+    """A copy of 02_vsepp/<name> whose test_set says each query's video (and the split's size, if given)."""
+    record = read_results(results_dir / "02_vsepp" / f"{name}.json")
+    record["metrics"]["test_set"].update(caption_video=caption_video.tolist(), **split_size)
+    path = results_dir / "views" / f"{name}.json"
+    write_results(path, name, record["metrics"], record["config"], seed=[0, 1, 2], protocol=record["protocol"])
+    return path
+
+
+def test_query_clusters_and_the_first_caption_per_video_view(results_dir):
+    sh, mh = _with_videos(results_dir, "SH"), _with_videos(results_dir, "MH")
+    first = _first_rows(CAPTION_VIDEO)
+    np.testing.assert_array_equal(query_clusters(sh), CAPTION_VIDEO)
+    np.testing.assert_array_equal(query_clusters(sh, queries="first_per_video"), CAPTION_VIDEO[first])
+    assert sorted(query_clusters(sh, queries="first_per_video")) == list(range(10))
+    np.testing.assert_array_equal(query_clusters(sh, "v2t"), np.arange(10))
+    assert query_clusters(sh).dtype == np.int64
+    runs = read_results(sh)["metrics"]["runs"]
+    got = query_ranks(sh, "dsl", "last", queries="first_per_video")
+    for run in runs:
+        want = [run["test"]["dsl"]["last"]["t2v"]["ranks"][i] for i in first]
+        np.testing.assert_array_equal(got[run["seed"]], want)
+    ci = stats.compare_ranks(query_ranks(sh), query_ranks(mh), clusters=query_clusters(sh), n_resamples=300)
+    assert (ci.n_items, ci.n_clusters) == (30, 10)
+
+
+def test_query_views_say_what_is_missing(results_dir):
+    sh = _with_videos(results_dir, "SH")
+    with pytest.raises(ValueError, match="t2v view; v2t queries are videos"):
+        query_ranks(sh, direction="v2t", queries="first_per_video")
+    with pytest.raises(ValueError, match="t2v view"):
+        query_clusters(sh, "v2t", queries="first_per_video")
+    with pytest.raises(ValueError, match="unknown queries 'first'"):
+        query_ranks(sh, queries="first")
+    with pytest.raises(ValueError, match="unknown direction 'pairs'"):
+        query_clusters(sh, "pairs")
+    old = results_dir / "02_vsepp" / "SH.json"  # written before caption_video was stored
+    with pytest.raises(ValueError, match="no metrics.test_set.caption_video.*re-run its notebook"):
+        query_clusters(old)
+    with pytest.raises(ValueError, match="no metrics.test_set.caption_video"):
+        query_ranks(old, queries="first_per_video")
+    with pytest.raises(ValueError, match="no metrics.test_set"):
+        query_clusters(results_dir / "06_cikm_lbpc" / "mse.json")
+
+
+def test_results_frame_reports_all_queries_and_the_first_caption_per_video(results_dir):
+    _with_videos(results_dir, "SH", n_split_queries=30, n_split_videos=10)
+    _with_videos(results_dir, "MH", caption_video=np.arange(10).repeat(3))  # rows grouped by video
+    assert set(results_frame(results_dir, notebooks=["views"]).queries) == {"all"}, "one view unless asked"
+    with pytest.raises(ValueError, match="queries must be a sequence of views"):
+        results_frame(results_dir, queries="first_per_video")
+    df = results_frame(results_dir, notebooks=["views"], queries=QUERY_VIEWS)
+    n = 2 * 3 * len(EVALS) * len(CHECKPOINTS) * len(METRICS)  # records x seeds x evaluations x checkpoints x metrics
+    assert df.groupby(["direction", "queries"]).size().to_dict() == {("t2v", "all"): n, ("t2v", "first_per_video"): n,
+                                                                      ("v2t", "all"): n}
+    first = _first_rows(CAPTION_VIDEO)
+    record = read_results(results_dir / "views" / "SH.json")
+    for run in record["metrics"]["runs"]:
+        for e in EVALS:
+            for w in CHECKPOINTS:
+                rows = df.query("variant == 'SH' and seed == @run['seed'] and evaluation == @e and checkpoint == @w "
+                                "and direction == 't2v' and queries == 'first_per_video'").set_index("metric")
+                ranks = np.array(run["test"][e][w]["t2v"]["ranks"])[first]  # naive: R@K, median, mean by hand
+                want = {"R1": 100 * np.mean(ranks <= 1), "R5": 100 * np.mean(ranks <= 5), "R10": 100 * np.mean(ranks <= 10),
+                        "MdR": np.median(ranks), "MnR": np.mean(ranks)}
+                assert rows["value"].to_dict() == pytest.approx(want)
+                assert (rows["n_queries"] == 10).all()
+    summary = summary_frame(df)
+    r1 = [100 * np.mean(np.array(run["test"]["plain"]["selected"]["t2v"]["ranks"])[first] <= 1)
+          for run in record["metrics"]["runs"]]
+    assert stat(summary, "SH", queries="first_per_video") == pytest.approx({"mean": np.mean(r1), "std": np.std(r1), "n": 3})
+    assert stat(summary, "SH") == pytest.approx(record["metrics"]["summary"]["plain"]["selected"]["t2v_R1"])
+    mh = df[df.variant == "MH"]
+    assert (mh[mh.queries == "first_per_video"]["n_queries"] == 10).all()
+    sh = df[df.variant == "SH"].iloc[0]
+    assert (sh["n_split_queries"], sh["n_split_videos"]) == (30, 10)
+    assert np.isnan(mh.iloc[0]["n_split_queries"]), "a record without the split's size: NaN"
+
+
+def test_scored_on_flags_an_incomplete_split(results_dir):
+    complete = read_results(_with_videos(results_dir, "SH", n_split_queries=30, n_split_videos=10))
+    complete["metrics"]["test_set"]["excluded_videos"] = {}
+    assert scored_on(complete) == "30 test queries, 10 videos"
+    assert scored_on(complete, "first_per_video") == "10 test queries (one caption per video), 10 videos"
+    partial = {"name": "e2e", "metrics": {"test_set": {"n_test_queries": 8, "n_test_videos": 8, "excluded_videos": {},
+                                                       "n_split_queries": 1000, "n_split_videos": 1000}}}
+    assert scored_on(partial) == "8 of 1,000 test queries, 8 of 1,000 videos (992 excluded: incomplete split)"
+    partial["metrics"]["test_set"].update(n_test_queries=16, n_split_queries=2000)
+    assert scored_on(partial, "first_per_video") == ("8 of 1,000 test queries (one caption per video), 8 of 1,000 videos "
+                                                     "(992 excluded: incomplete split)")
+    unknown_captions = {"name": "x", "metrics": {"test_set": {"n_test_queries": 29, "n_test_videos": 9, "n_split_queries": None,
+                                                              "n_split_videos": 10, "excluded_videos": {"v7": "no frames"}}}}
+    assert scored_on(unknown_captions) == "29 test queries, 9 of 10 videos (1 excluded: incomplete split)"
+    with pytest.raises(ValueError, match="unknown queries"):
+        scored_on(complete, "one")
 
 
 def test_write_verdicts_round_trips_and_rewrites_only_a_changed_table(tmp_path):

@@ -71,7 +71,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["cuda_rules", "CudaRules"]
+__all__ = ["cuda_rules", "CudaRules", "enable_for_process"]
 
 Tensor = torch.Tensor
 CPU = torch.device("cpu")
@@ -321,6 +321,30 @@ def cuda_rules(device_count: int = 1) -> Iterator[CudaRules]:
             stack.enter_context(patch)
         stack.enter_context(rules)
         yield rules
+
+
+_PROCESS_RULES: list[tuple[contextlib.ExitStack, CudaRules]] = []  # what enable_for_process entered, kept open
+
+
+def enable_for_process(device_count: int = 1) -> CudaRules:
+    """Enter :func:`cuda_rules` for good: the rules apply from now on, never left.
+
+    For a process that is itself the check, such as a notebook kernel run by ``python -m
+    vidret_lib.reproduce --cuda-rules N`` (``vidret_lib.profiles.apply_smoke`` calls this when
+    ``VIDRET_CUDA_RULES=N``). The rules see code run in the calling thread; a notebook kernel runs
+    every cell in its main thread. A second call enters nothing more and returns the first mode.
+    Raises ``ValueError`` for ``device_count < 1``, and when a second call asks for another count.
+    """
+    if _PROCESS_RULES:
+        rules = _PROCESS_RULES[0][1]
+        if rules.device_count != device_count:
+            raise ValueError(f"cuda_rules already entered with device_count={rules.device_count}, "
+                             f"not {device_count}")
+        return rules
+    stack = contextlib.ExitStack()
+    rules = stack.enter_context(cuda_rules(device_count))
+    _PROCESS_RULES.append((stack, rules))
+    return rules
 
 
 class _Stream:

@@ -20,15 +20,19 @@ Two kinds of encoder share one interface (:class:`Encoder`):
     rows: a fixed random 512-d view of the pooled EfficientNet feature. 512 is ViT-B/32's
     width, so heads keep the same sizes across profiles. Image-text similarity is noise
     until a head or the projections are trained.
-  - ``image_size=160`` by default: about 3x faster than 224 on a CPU, 1.3-1.6x slower
-    than 128 (benchmarks/bench_features.py prints the figures); any size works with a
-    convnet.
+  - ``image_size=96`` by default: ShapeMotion renders its frames at 96 px, so a larger input
+    only upsamples them. Measured on this project's 2-thread CPU (bare image forward,
+    ``benchmarks/bench_features.py``): 45 images/s at 160 px, 83 at 128, 138 at 96 (224 px is
+    about 3x slower than 160). Any size works with a convnet; MSR-VTT profiles use open_clip's
+    224.
 
 * any open_clip architecture with a pretrained tag or a local checkpoint file, e.g.
   ``load_encoder("ViT-B-32-quickgelu", pretrained="openai")``, the papers' backbone (downloads
   the weights on first use; that needs the internet, so tests only use ``pretrained=None``
   or a file). A tag trained with another activation than the architecture is an error:
   OpenAI's weights need QuickGELU, and ``ViT-B-32`` (nn.GELU) with ``"openai"`` is refused.
+  ``context_length=32`` (CLIP4Clip's ``max_words``) keeps the model's weights and reads only
+  the first 32 positions, as CLIP4Clip does (:func:`shorten_text_context`).
 
 ``encode_image`` / ``encode_text`` return features in the shared space, **not**
 L2-normalised (the heads normalise). End-to-end training calls the public pieces with
@@ -54,7 +58,7 @@ from torch import nn
 from .cache import cache_key
 from .runinfo import package_versions
 
-DEFAULT_IMAGE_SIZE = 160
+DEFAULT_IMAGE_SIZE = 96  # ShapeMotion's frame size; see the module docstring
 DEFAULT_EMBED_DIM = 512
 DEFAULT_CONTEXT_LENGTH = 32  # CLIP4Clip's max_words; all-MiniLM-L6-v2 itself allows 256
 PROJECTION_SEED = 0
@@ -91,9 +95,12 @@ class Encoder:
     std: tuple[float, float, float]
     tokenizer: Callable[[list[str]], torch.Tensor] = field(repr=False)
 
-    def preprocess_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 RGB frames (N, H, W, 3) -> normalised float tensor (N, 3, S, S) on the device.
+    def preprocess_frames(self, frames: np.ndarray | torch.Tensor,
+                          device: str | torch.device | None = None) -> torch.Tensor:
+        """uint8 RGB frames (N, H, W, 3) -> normalised float32 tensor (N, 3, S, S) on ``device``.
 
+        ``device`` defaults to the encoder's; end-to-end training passes the device its batch
+        already sits on (a trained copy of the towers may live elsewhere than the encoder).
         Frames that are not S x S are resized (shorter side to S, bicubic, antialiased)
         and center-cropped, as CLIP4Clip does; frames from the frame cache already are.
         The result keeps the channels-last memory layout of the input (faster convnets).
@@ -103,11 +110,12 @@ class Encoder:
             raise ValueError(
                 f"frames must be uint8 RGB (N, H, W, 3); got {x.dtype} {tuple(x.shape)}"
             )
-        x = x.to(self.device).permute(0, 3, 1, 2).float()  # (N, 3, H, W) in [0, 255]
+        device = self.device if device is None else torch.device(device)
+        x = x.to(device).permute(0, 3, 1, 2).float()  # (N, 3, H, W) in [0, 255]
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = _resize_center_crop(x, self.image_size)
-        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         return x.mul_(1 / (255 * std)).sub_(mean / std)  # (x / 255 - mean) / std in two passes
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
@@ -142,13 +150,15 @@ class Encoder:
 def load_encoder(name: str = "default", device: str | torch.device = "cpu", **options: Any) -> Encoder:
     """Load an encoder by name.
 
-    ``name="default"``: options ``image_size`` (160), ``embed_dim`` (512),
+    ``name="default"``: options ``image_size`` (96), ``embed_dim`` (512),
     ``projection_seed`` (0), ``context_length`` (32). Fully offline.
 
     Any other name is an open_clip architecture (``open_clip.list_models()``); options
     ``pretrained`` (a tag such as ``"openai"``, a checkpoint file path, or None for a
     random initialisation seeded with ``init_seed``, default 0), ``image_size`` (the
-    model's own by default) and ``context_length`` (the tokenizer's own by default).
+    model's own by default) and ``context_length`` (the model's own by default, 77 for CLIP;
+    a shorter one keeps the first positions, :func:`shorten_text_context`; a longer one is a
+    ``ValueError``).
 
     Example:
         >>> enc = load_encoder("ViT-S-32", pretrained=None, image_size=64)
@@ -282,6 +292,8 @@ def _load_open_clip(
         model = open_clip.create_model(
             name, pretrained=pretrained, device=device, force_image_size=image_size,
         ).eval()
+    if context_length is not None:
+        shorten_text_context(model, context_length)
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg["size"]
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -295,6 +307,40 @@ def _load_open_clip(
         packages=package_versions("open_clip_torch", "torch"),
     )
     return Encoder(model, name, cache_id, embed_dim, size, device, mean, std, tokenizer)
+
+
+def shorten_text_context(model: nn.Module, context_length: int) -> None:
+    """Make an open_clip ``CLIP`` encode ``context_length`` tokens with its first positions, in place.
+
+    CLIP4Clip (``ArrowLuo/CLIP4Clip`` ``modules/module_clip.py``, ``CLIP.encode_text``) builds
+    CLIP with the checkpoint's 77-row positional embedding and feeds 32 tokens: it adds
+    ``positional_embedding[:32]`` and its blocks build the causal mask at the input's length
+    (``build_attention_mask(32)``, the top-left 32 x 32 of the 77 x 77 mask); the text feature is
+    read at the end-of-text token (``text.argmax(-1)``, the largest id). open_clip's ``CLIP``
+    adds the whole (77, width) embedding and its (77, 77) mask, so 32 tokens fail. This keeps
+    rows ``[:context_length]`` of ``positional_embedding`` (a new parameter, float32 as loaded)
+    and the top-left block of ``attn_mask``: the same numbers as CLIP4Clip (the rows left out
+    are never read; they only differ in a saved state dict, which then has ``context_length``
+    rows). open_clip text towers of other classes (``TextTransformer`` in ``CustomTextCLIP``)
+    already slice to the input's length and are left unchanged, as is a model already at
+    ``context_length``.
+
+    Raises:
+        ValueError: ``context_length`` < 1 or above the model's positions (a longer context
+            would need new positional rows, which no checkpoint has).
+    """
+    positions = getattr(model, "positional_embedding", None)
+    if positions is None or getattr(model, "attn_mask", None) is None:
+        return  # not open_clip's fused CLIP text tower: it reads positions[:seq_len] itself
+    if not 1 <= context_length <= len(positions):
+        raise ValueError(f"context_length={context_length} is outside [1, {len(positions)}]: the model has "
+                         f"{len(positions)} text positions; use at most {len(positions)} (CLIP4Clip: 32)")
+    if context_length == len(positions):
+        return
+    model.positional_embedding = nn.Parameter(positions.detach()[:context_length].clone(),
+                                              requires_grad=positions.requires_grad)
+    model.attn_mask = model.attn_mask[:context_length, :context_length].clone()  # causal: -inf above the diagonal
+    model.context_length = context_length
 
 
 def _check_activation(name: str, tag: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .cache import atomic_write
+from .datasets import Split
 from .heads import RetrievalModel
 from .results import read_results, write_results
 from .train import FeatureSplit, RawSplit, TrainConfig, check_disjoint, evaluate, train
@@ -172,6 +173,7 @@ def run_variant(
     protocol: dict[str, Any] | None = None,
     encoder=None,
     analyses: dict[str, Callable[[RetrievalModel], dict]] | None = None,
+    full_test_split: Split | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` for each seed, evaluate, write and return the results record.
 
@@ -192,14 +194,20 @@ def run_variant(
     ``test[eval][which]["t2v"]["ranks"]``, one per caption (t2v) or video (v2t) in the split's order,
     for :mod:`vidret_lib.stats` -- and ``analyses[name]["selected" | "last"]``), ``summary``
     (``summary[eval][which]["t2v_R1"] = {"mean", "std", "n"}``, without the ranks) and ``test_set``
-    (``n_test_queries``, ``n_test_videos`` scored and ``excluded_videos``, id -> reason, the videos the
-    split dropped, e.g. undecodable). ``vidret_lib.tables`` reads records as a table.
+    (:func:`describe_test_set`: the queries and videos scored, each t2v query's video, and the split's full size).
+    ``vidret_lib.tables`` reads records as a table.
+    ``full_test_split`` (optional): the test split as the dataset defines it (``dataset.split(name)``,
+    without ``present_only``), so that a record scored on the present or decodable part says how much of
+    the split that was; without it the split's size is the scored part plus ``test_split.excluded``
+    (videos that are missing from disk are then not counted).
     Raises ValueError (:func:`vidret_lib.train.check_disjoint`) if the train and test splits share
-    videos, unless ``config.allow_split_overlap``.
+    videos, unless ``config.allow_split_overlap``; and (:func:`describe_test_set`) if ``full_test_split`` lacks a
+    scored video.
     """
     evals = evals or {"plain": {}}
     analyses = analyses or {}
     check_disjoint(train_split, test_split, ("train", "test"), config.allow_split_overlap)
+    scored = describe_test_set(test_split, full_test_split)
     seed_identity = {"data_key": data_key,
                      "evals": {e: {k: _argument_id(v) for k, v in sorted(kw.items())} for e, kw in sorted(evals.items())},
                      "init_encoder": None if encoder is None else encoder.cache_id,
@@ -229,14 +237,72 @@ def run_variant(
             e: {which: summarize([r["test"][e][which] for r in runs]) for which in ("selected", "last")}
             for e in evals
         }
-        test_set = {"n_test_queries": test_split.num_texts, "n_test_videos": test_split.num_videos,
-                    "excluded_videos": dict(getattr(test_split, "excluded", None) or {})}
-        return {"runs": runs, "summary": summary, "test_set": test_set}
+        return {"runs": runs, "summary": summary, "test_set": scored}
 
-    identity = {"seeds": list(seeds), **seed_identity}
+    # the split's size is part of what a record says, so a record written without it is not reused
+    identity = {"seeds": list(seeds), **seed_identity,
+                "split_size": [scored["n_split_queries"], scored["n_split_videos"]]}
     protocol = {"select": config.select, "false_negatives": config.false_negatives, **(protocol or {})}
     return load_or_run(results_dir, notebook, name, config, identity, compute, seed=list(seeds),
                        device=config.device, protocol=protocol)
+
+
+def describe_test_set(test_split: FeatureSplit | RawSplit, full_test_split: Split | None = None) -> dict[str, Any]:
+    """What a record's test numbers were scored on (``metrics.test_set`` of a :func:`run_variant` record).
+
+    Returns:
+        ``n_test_queries``, ``n_test_videos``: captions and videos scored; ``caption_video``: (Q,) list of
+        int, t2v query i's video (its column in the split), the clusters of
+        :func:`vidret_lib.stats.bootstrap_difference`; ``excluded_videos``: id -> reason, the videos
+        the split dropped (e.g. undecodable); ``n_split_queries``, ``n_split_videos``: the split's full
+        size, from ``full_test_split`` when given, else the scored part plus the excluded videos
+        (``n_split_queries`` None when videos were excluded: their captions are not counted anywhere).
+    Raises:
+        ValueError: ``full_test_split`` lacks videos that were scored (another split was passed).
+
+    Example:
+        >>> from vidret_lib.datasets import Split
+        >>> te = FeatureSplit(np.zeros((2, 4)), np.zeros((2, 1, 4)), np.ones((2, 1), bool), [0, 1], video_ids=("a", "c"))
+        >>> full = Split("test", ["x", "y", "z", "w"], ["a", "b", "c", "d"])
+        >>> {k: v for k, v in describe_test_set(te, full).items() if k.startswith("n_")}
+        {'n_test_queries': 2, 'n_test_videos': 2, 'n_split_queries': 4, 'n_split_videos': 4}
+    """
+    excluded = dict(test_split.excluded)
+    if full_test_split is not None:
+        unknown = sorted(set(test_split.video_ids or ()) - set(full_test_split.video_ids))
+        if unknown:
+            raise ValueError(f"full_test_split {full_test_split.name!r} lacks {len(unknown)} scored test videos "
+                             f"(e.g. {unknown[:3]}): pass the split the test features were built from")
+        split_size = (len(full_test_split.sentences), len(full_test_split.video_ids))
+    else:
+        split_size = (None if excluded else test_split.num_texts, test_split.num_videos + len(excluded))
+    return {"n_test_queries": test_split.num_texts, "n_test_videos": test_split.num_videos,
+            "caption_video": test_split.caption_video.tolist(), "excluded_videos": excluded,
+            "n_split_queries": split_size[0], "n_split_videos": split_size[1]}
+
+
+def scored_counts(test_set: dict[str, Any]) -> tuple[str, str, str]:
+    """(queries, videos, note) describing ``metrics.test_set``, for :func:`table` and
+    :func:`vidret_lib.tables.scored_on`.
+
+    A complete split: ``("2,000", "1,000", "")``. An incomplete one (fewer videos scored than the split
+    has): ``("8 of 1,000", "8 of 1,000", " (992 excluded: incomplete split)")``. Records written before
+    the split's size was stored: ``("24", "12", " (1 excluded)")`` when the split dropped videos.
+
+    Example:
+        >>> scored_counts({"n_test_queries": 8, "n_test_videos": 8, "excluded_videos": {},
+        ...                "n_split_queries": 1000, "n_split_videos": 1000})
+        ('8 of 1,000', '8 of 1,000', ' (992 excluded: incomplete split)')
+    """
+    q, v = test_set["n_test_queries"], test_set["n_test_videos"]
+    if "n_split_videos" not in test_set:  # written before the split's size was stored: no flag
+        excluded = len(test_set["excluded_videos"])
+        return f"{q:,}", f"{v:,}", f" ({excluded:,} excluded)" if excluded else ""
+    split_q, split_v = test_set["n_split_queries"], test_set["n_split_videos"]
+    queries = f"{q:,} of {split_q:,}" if split_q is not None and split_q != q else f"{q:,}"
+    if split_v == v:
+        return queries, f"{v:,}", ""
+    return queries, f"{v:,} of {split_v:,}", f" ({split_v - v:,} excluded: incomplete split)"
 
 
 def fmt(stat: dict[str, float]) -> str:
@@ -252,18 +318,19 @@ def fmt(stat: dict[str, float]) -> str:
 def table(records: list[dict[str, Any]], metrics=("t2v_R1", "t2v_R5", "v2t_R1"), evaluation: str = "plain",
           which: str = "selected") -> str:
     """A Markdown table of ``records`` (rows) by ``metrics`` (mean ± std over seeds), with the test
-    queries and videos each was scored on (and how many videos the split excluded).
+    queries and videos each was scored on, flagging an incomplete split (:func:`scored_counts`).
 
     Raises ValueError for a record without ``metrics.test_set`` (written before the counts were
     recorded): re-run its notebook.
 
     Example:
         >>> rec = {"name": "meanP", "metrics": {"summary": {"plain": {"selected": {"t2v_R1": {"mean": 12.0, "std": 1.0, "n": 3}}}},
-        ...        "test_set": {"n_test_queries": 200, "n_test_videos": 200, "excluded_videos": {"v9": "decode error"}}}}
+        ...        "test_set": {"n_test_queries": 8, "n_test_videos": 8, "excluded_videos": {},
+        ...                     "n_split_queries": 1000, "n_split_videos": 1000}}}
         >>> print(table([rec], ["t2v_R1"]))
         | variant | t2v_R1 | queries | videos |
         |---|---|---|---|
-        | meanP | 12.0 ± 1.0 | 200 | 200 (1 excluded) |
+        | meanP | 12.0 ± 1.0 | 8 of 1,000 | 8 of 1,000 (992 excluded: incomplete split) |
     """
     head = "| variant | " + " | ".join(metrics) + " | queries | videos |\n|---|" + "---|" * (len(metrics) + 2)
     rows = []
@@ -271,8 +338,7 @@ def table(records: list[dict[str, Any]], metrics=("t2v_R1", "t2v_R5", "v2t_R1"),
         if "test_set" not in r["metrics"]:
             raise ValueError(f"record {r['name']!r} has no metrics.test_set (query and video counts): it was written "
                              "before they were recorded; re-run its notebook")
-        ts = r["metrics"]["test_set"]
-        excluded = f" ({len(ts['excluded_videos'])} excluded)" if ts["excluded_videos"] else ""
+        queries, videos, note = scored_counts(r["metrics"]["test_set"])
         cells = [fmt(r["metrics"]["summary"][evaluation][which][m]) for m in metrics]
-        rows.append(f"| {r['name']} | " + " | ".join(cells) + f" | {ts['n_test_queries']} | {ts['n_test_videos']}{excluded} |")
+        rows.append(f"| {r['name']} | " + " | ".join(cells) + f" | {queries} | {videos}{note} |")
     return "\n".join([head, *rows])

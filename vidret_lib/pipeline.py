@@ -2,9 +2,9 @@
 
 ``prepare_dataset`` makes the data present (ShapeMotion is generated on demand; MSR-VTT is
 prepared from a local folder or downloaded), and ``split_features`` walks one split through
-the frame cache and the feature caches into a :class:`~vidret_lib.train.FeatureSplit`.
-Every step is "load if present, else compute", so the second notebook to ask for a split
-only reads files.
+the frame cache and the feature caches into a :class:`~vidret_lib.train.FeatureSplit`, seen
+through the start ``DataConfig.start`` names (:mod:`vidret_lib.pretrain`). Every step is "load
+if present, else compute", so the second notebook to ask for a split only reads files.
 """
 from __future__ import annotations
 
@@ -18,15 +18,29 @@ import torch
 from .datasets import Dataset, Split, load_dataset
 from .features import text_features, video_features
 from .frame_cache import frame_cache
+from .pretrain import PretrainConfig, StartCheckpoint, apply_start, pretrain_start, start_key
 from .train import FeatureSplit
 
 SHAPEMOTION_PREFIX = "shapemotion-"
 TITLE_SOURCES = ("title", "category")
+STARTS = ("pretrained", "random_projection")
+# The pretrained start of the offline default encoder per dataset: the smoke dataset (tests, nbval)
+# gets a tiny one; every other dataset the full one (the start does not depend on the dataset).
+SMOKE_PRETRAIN = PretrainConfig(n_images=240, heldout=40, captions_per_image=1, epochs=10, batch_size=64)
+PRETRAIN_CONFIGS = {"shapemotion-smoke": SMOKE_PRETRAIN}
 
 
 @dataclass
 class DataConfig:
-    """Where data and caches live and how frames are sampled (typed literals)."""
+    """Where data and caches live, how frames are sampled, and where the towers start (typed literals).
+
+    ``start`` (keyword): ``"pretrained"`` (the papers' regime: towers that already align images
+    and text; with the offline default encoder that is the ShapeMotion start of
+    :mod:`vidret_lib.pretrain`, with an open_clip encoder its own pretrained weights, nothing
+    applied) or ``"random_projection"`` (the default encoder's towers joined by its random
+    orthogonal projections: zero-shot retrieval at chance; default encoder only). Raises
+    ``ValueError`` for another value.
+    """
 
     dataset: str = "shapemotion-default"  # "shapemotion-<smoke|default|large>" or "msrvtt"
     data_dir: str = "../data"
@@ -34,17 +48,59 @@ class DataConfig:
     msrvtt_source: str = ""  # a local MSR-VTT folder; empty = download (msrvtt only)
     max_frames: int = 12
     sample_fps: int = 1
+    start: str = "pretrained"  # one of STARTS
+
+    def __post_init__(self) -> None:
+        if self.start not in STARTS:
+            raise ValueError(f"unknown start {self.start!r} in DataConfig; valid starts: {STARTS}")
+
+
+def start_config(config: DataConfig, encoder) -> PretrainConfig | None:
+    """The :class:`~vidret_lib.pretrain.PretrainConfig` of the start ``config`` asks for with
+    ``encoder``, or None when nothing is applied (an open_clip encoder's own weights, or the
+    default encoder's random projections). Raises ``ValueError`` for ``"random_projection"``
+    with an encoder other than the offline default."""
+    default = getattr(encoder, "name", None) == "default"
+    if config.start == "random_projection" and not default:
+        raise ValueError(
+            f"start='random_projection' applies to the offline default encoder only, not to "
+            f"{getattr(encoder, 'name', encoder)!r} (its towers are already aligned): use start='pretrained'"
+        )
+    if config.start == "pretrained" and default:
+        return PRETRAIN_CONFIGS.get(config.dataset, PretrainConfig())
+    return None
+
+
+def load_start(config: DataConfig, encoder) -> StartCheckpoint | None:
+    """The start ``config`` asks for with ``encoder`` (trained once, then cached under
+    ``config.cache_dir``; see :func:`start_config`), or None when nothing is applied."""
+    pretrain = start_config(config, encoder)
+    return None if pretrain is None else pretrain_start(encoder, config.cache_dir, pretrain)
 
 
 def prepare_dataset(config: DataConfig) -> Dataset:
-    """Load the dataset ``config.dataset``, building it first if it is not on disk."""
+    """Load the dataset ``config.dataset``, building it first if it is not on disk.
+
+    A ShapeMotion dataset is a cache of a deterministic generator: one on disk that another
+    generator version or preset made (its ``content_hash`` differs from what
+    :func:`data_prep.synthetic.generate` would write now) is regenerated in place, with a note,
+    never silently reused; its videos of unchanged settings are kept.
+    """
     root = Path(config.data_dir) / config.dataset
+    if config.dataset.startswith(SHAPEMOTION_PREFIX):
+        from data_prep.synthetic import PRESETS, content_hash, generate
+
+        size = config.dataset[len(SHAPEMOTION_PREFIX):]
+        if (root / "dataset.json").exists():
+            dataset = load_dataset(root)
+            if size not in PRESETS or dataset.info.get("content_hash") == content_hash(PRESETS[size], 0):
+                return dataset
+            print(f"{root} was made by another ShapeMotion generator or preset "
+                  f"(version {dataset.info.get('version')!r}): regenerating it")
+            (root / "dataset.json").unlink()  # marks it incomplete until generate() writes it again
+        return generate(root, size=size)
     if (root / "dataset.json").exists():
         return load_dataset(root)
-    if config.dataset.startswith(SHAPEMOTION_PREFIX):
-        from data_prep.synthetic import generate
-
-        return generate(root, size=config.dataset[len(SHAPEMOTION_PREFIX):])
     if config.dataset == "msrvtt":
         from data_prep import msrvtt
 
@@ -77,9 +133,12 @@ def split_features(
     dropped with their captions, named in a warning and listed in ``FeatureSplit.excluded``
     (id -> reason): a zero video must not enter training or evaluation. ``video_ids`` gives the
     kept videos in column order; per-video or per-caption metadata must be aligned through it.
+    Features are cached raw and then mapped through ``config.start`` (:func:`load_start`,
+    :func:`vidret_lib.pretrain.apply_start`); raises ``ValueError`` for a start the encoder has not.
     """
     if title_source not in TITLE_SOURCES:
         raise ValueError(f"unknown title_source {title_source!r}; choose one of {TITLE_SOURCES}")
+    start = load_start(config, encoder)  # first: a start the encoder cannot have fails before any work
     sp = split if isinstance(split, Split) else dataset.split(split, present_only=True)
     frames = frame_cache(
         dataset, sp.video_ids, config.cache_dir,
@@ -108,7 +167,7 @@ def split_features(
             stacklevel=2,
         )
         features = features.drop_videos(failed)
-    return features
+    return apply_start(features, start)
 
 
 
@@ -138,10 +197,13 @@ def open_encoder(name: str = "default", pretrained: str = "", device: str = "cpu
 
 
 def data_key(config: DataConfig, dataset: Dataset, encoder, *splits: str) -> str:
-    """Names the features a result was trained and tested on (dataset, splits, frames, encoder)."""
+    """Names the features a result was trained and tested on (dataset, splits, frames, encoder, start:
+    the start's cache key, or the start's name when nothing is applied)."""
     from .cache import cache_key
 
+    pretrain = start_config(config, encoder)
     return cache_key(
         "data", dataset=dataset.fingerprint(), splits=list(splits), max_frames=config.max_frames,
         sample_fps=config.sample_fps, encoder=encoder.cache_id,
+        start=config.start if pretrain is None else start_key(encoder, pretrain),
     )

@@ -11,15 +11,17 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def metric_bars(ax, summary, key: str = "t2v_R1", evaluation: str = "plain", checkpoint: str = "selected"):
+def metric_bars(ax, summary, key: str = "t2v_R1", evaluation: str = "plain", checkpoint: str = "selected",
+                queries: str = "all"):
     """Bars of one metric (mean ± std over seeds) for each variant of a :func:`vidret_lib.tables.summary_frame`.
 
-    ``summary``: the rows of one notebook (variants in the order given); ``key``: ``"<direction>_<metric>"``.
+    ``summary``: the rows of one notebook (variants in the order given); ``key``: ``"<direction>_<metric>"``;
+    ``queries``: ``"all"`` captions or ``"first_per_video"`` (:data:`vidret_lib.tables.QUERY_VIEWS`).
     Raises ValueError when no row matches (names the key).
     """
     direction, metric = key.split("_", 1)
     rows = summary[(summary.direction == direction) & (summary.metric == metric) & (summary.evaluation == evaluation)
-                   & (summary.checkpoint == checkpoint) & (summary.split == "test")]
+                   & (summary.checkpoint == checkpoint) & (summary.split == "test") & (summary.queries == queries)]
     if rows.empty:
         raise ValueError(f"no summary rows for {key} ({evaluation}, {checkpoint}); present: "
                          f"{sorted(set(summary.direction + '_' + summary.metric))}")

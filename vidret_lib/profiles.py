@@ -8,8 +8,19 @@ A profile file is a YAML mapping of sections to parameter overrides:
 - ``x-<name>``: not a notebook, a holder of YAML anchors (``x-training: &training``) that notebook
   sections merge (``<<: *training``), like docker-compose's extension fields.
 
+Two top-level keys are settings of the profile, not sections (:data:`SETTINGS`):
+
+- ``extends: <profile>``: start from that profile's sections and settings; a section here
+  replaces the values it names and keeps the others (``msrvtt-gpu`` is ``extends: msrvtt-frozen``
+  and nothing else: an alias). Chains are followed; a cycle is an error;
+- ``prepare: <module>``: ``reproduce`` imports it and calls its ``prepare()`` before any notebook
+  runs; it builds what the profile's paths point at and returns environment variables for the
+  notebook kernels (``data_prep.rehearsal`` for ``msrvtt-rehearsal``).
+
 The ``default`` profile is the notebooks' own parameters cells (its file is empty), ``smoke``
-makes everything tiny for tests, ``msrvtt-gpu`` is the papers' setting.
+makes everything tiny for tests, ``msrvtt-frozen`` is MSR-VTT with CLIP ViT-B/32 on cached
+features (``msrvtt-gpu`` is its alias), ``msrvtt-rehearsal`` is ``msrvtt-frozen`` at tiny size on a
+mini MSR-VTT and a tiny CLIP, for a CPU dress rehearsal under CUDA's device rules.
 
 Every override is checked before any notebook runs (:func:`profile_overrides`): its name must be a
 parameter of the notebook (papermill only warns), and its YAML value must have the type the
@@ -36,6 +47,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_DIR = PROJECT_ROOT / "params"
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 SMOKE_ENV = "VIDRET_SMOKE"
+CUDA_RULES_ENV = "VIDRET_CUDA_RULES"  # N >= 1: kernels run under devicecheck.cuda_rules(N)
+OPEN_CLIP_CONFIGS_ENV = "VIDRET_OPEN_CLIP_CONFIGS"  # os.pathsep-separated open_clip model configs to register
+SETTINGS = ("extends", "prepare")  # top-level keys that are settings of the profile, not sections
 ANCHOR_PREFIX = "x-"  # sections that only hold YAML anchors
 _SCALAR_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
 _LIST = re.compile(r"list(?:\[(?P<item>\w+)\])?")
@@ -87,11 +101,48 @@ def notebook_parameters(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def read_profile(profile: str) -> tuple[Path, dict[str, dict[str, Any]]]:
-    """The file of ``profile`` and its sections (``x-`` anchor holders dropped), structure checked.
+    """The file of ``profile`` and its sections (``x-`` anchor holders dropped, ``extends`` resolved).
 
     Raises ``FileNotFoundError`` for an absent profile, :class:`ProfileError` for invalid YAML,
-    a top level or section that is not a mapping, or a non-text key.
+    a top level or section that is not a mapping, a non-text key, a setting that is not a name,
+    an ``extends`` of an absent profile, or a cycle of ``extends``.
     """
+    path, _, sections = _resolve(profile, ())
+    return path, sections
+
+
+def profile_settings(profile: str) -> dict[str, str]:
+    """The settings of ``profile`` other than ``extends`` (``prepare``), inherited through ``extends``.
+
+    Example:
+        >>> profile_settings("msrvtt-rehearsal")
+        {'prepare': 'data_prep.rehearsal'}
+    """
+    return _resolve(profile, ())[1]
+
+
+def _resolve(profile: str, chain: tuple[str, ...]) -> tuple[Path, dict[str, str], dict[str, dict[str, Any]]]:
+    """(file, settings, sections) of ``profile`` with its ``extends`` chain merged in; ``chain``: the profiles
+    that extend it (a cycle check)."""
+    path, settings, sections = _read_file(profile)
+    base = settings.pop("extends", None)
+    if base is None:
+        return path, settings, sections
+    if base in (*chain, profile):
+        raise ProfileError(f"{path}: extends {base!r}, which extends back to {profile!r} "
+                           f"({' -> '.join((*chain, profile, base))}); remove one 'extends'")
+    try:
+        _, base_settings, merged = _resolve(base, (*chain, profile))
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: extends {base!r}, but {PARAMS_DIR / f'{base}.yaml'} is absent; "
+                           f"profiles: {profile_names()}") from None
+    for section, params in sections.items():  # a section here replaces the values it names
+        merged[section] = {**merged.get(section, {}), **params}
+    return path, {**base_settings, **settings}, merged
+
+
+def _read_file(profile: str) -> tuple[Path, dict[str, str], dict[str, dict[str, Any]]]:
+    """(file, settings, sections) of one profile file, structure checked (see :func:`read_profile`)."""
     path = PARAMS_DIR / f"{profile}.yaml"
     if not path.exists():
         raise FileNotFoundError(f"no profile {profile!r} ({path} is absent); profiles: {profile_names()}")
@@ -103,15 +154,21 @@ def read_profile(profile: str) -> tuple[Path, dict[str, dict[str, Any]]]:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ProfileError(f"{path}: invalid YAML{where}: {problem}; fix the syntax there") from None
     if data is None:
-        return path, {}
+        return path, {}, {}
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: the top level must map sections (notebook names, 'common', "
                            f"'{ANCHOR_PREFIX}...') to parameters, not a {type(data).__name__}")
-    sections = {}
+    settings, sections = {}, {}
     for section, params in data.items():
         if not isinstance(section, str):
             raise ProfileError(f"{path}: section {section!r} is not a name; write it as text ('{section}')")
         if section.startswith(ANCHOR_PREFIX):
+            continue
+        if section in SETTINGS:
+            if not isinstance(params, str) or not params:
+                raise ProfileError(f"{path}: {section} must name a {'profile' if section == 'extends' else 'module'}"
+                                   f", not {params!r}")
+            settings[section] = params
             continue
         params = {} if params is None else params
         if not isinstance(params, dict):
@@ -121,7 +178,7 @@ def read_profile(profile: str) -> tuple[Path, dict[str, dict[str, Any]]]:
         if bad:
             raise ProfileError(f"{path}: section {section!r} has key {bad[0]!r}, which is not a parameter name")
         sections[section] = params
-    return path, sections
+    return path, settings, sections
 
 
 def profile_overrides(
@@ -240,13 +297,42 @@ def _yaml_text(value: Any) -> str:
 
 
 def apply_smoke(namespace: dict[str, Any], notebook: str) -> bool:
-    """If ``VIDRET_SMOKE=1``, overwrite ``namespace`` with the smoke profile; return whether it did.
+    """Apply a test run's environment to the notebook kernel; return whether the smoke profile was applied.
 
-    Called in the cell after a notebook's parameters cell, so that nbval (which injects no
-    parameters) runs the notebook at smoke size. The smoke profile is checked as ``reproduce``
-    checks a profile (:func:`profile_overrides`: names and types); a :class:`ProfileError`
-    leaves ``namespace`` unchanged.
+    Called in the cell after each notebook's parameters cell, before any other work, so these
+    environment variables (set by ``reproduce`` or by the tests; the kernels inherit them) act in
+    every kernel:
+
+    - ``VIDRET_OPEN_CLIP_CONFIGS`` (paths joined by ``os.pathsep``): open_clip model configs
+      (``<name>.json`` files or folders of them) registered with ``open_clip.add_model_config``,
+      so that a profile may name an architecture open_clip does not ship (the rehearsal's tiny CLIP);
+    - ``VIDRET_CUDA_RULES=N``: the kernel runs under :func:`vidret_lib.devicecheck.cuda_rules` with
+      N virtual GPUs from here on (:func:`vidret_lib.devicecheck.enable_for_process`), so device
+      ``"cuda"`` works on the CPU with CUDA's device rules enforced;
+    - ``VIDRET_SMOKE=1``: ``namespace`` is overwritten with the smoke profile, so that nbval (which
+      injects no parameters) runs the notebook at smoke size. The smoke profile is checked as
+      ``reproduce`` checks a profile (:func:`profile_overrides`: names and types); a
+      :class:`ProfileError` leaves ``namespace`` unchanged.
+
+    Raises ``FileNotFoundError`` naming a config path that does not exist, and ``ValueError``
+    for a ``VIDRET_CUDA_RULES`` that is not a whole number.
     """
+    configs = [c for c in os.environ.get(OPEN_CLIP_CONFIGS_ENV, "").split(os.pathsep) if c]
+    if configs:
+        import open_clip
+
+        for config in configs:
+            if not Path(config).exists():
+                raise FileNotFoundError(f"{OPEN_CLIP_CONFIGS_ENV}: {config} does not exist; fix or unset the "
+                                        "variable (the rehearsal builds its config with `python -m data_prep.rehearsal`)")
+            open_clip.add_model_config(config)
+    rules = os.environ.get(CUDA_RULES_ENV, "").strip()
+    if rules not in ("", "0"):
+        if not rules.isdecimal():
+            raise ValueError(f"{CUDA_RULES_ENV}={rules!r}: give the number of virtual GPUs (e.g. 1), or 0 / unset for none")
+        from .devicecheck import enable_for_process
+
+        enable_for_process(int(rules))
     if os.environ.get(SMOKE_ENV, "0") != "1":
         return False
     namespace.update(profile_params("smoke", notebook))

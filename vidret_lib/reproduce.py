@@ -16,6 +16,14 @@ folder) makes its notebook run again; the notebook's ``load_or_run`` then recomp
 records whose checksum no longer matches its ledger and reuses the rest, so a re-run takes seconds.
 A partial run (``--only 01``) that changes 01's records makes the summary notebook stale.
 
+A profile with a ``prepare:`` setting (:func:`vidret_lib.profiles.profile_settings`) has that
+module's ``prepare()`` run first; it builds what the profile points at (``msrvtt-rehearsal``: the
+mini MSR-VTT and tiny CLIP of :mod:`data_prep.rehearsal`) and returns environment variables
+for the kernels. ``--cuda-rules N`` runs every kernel under
+:func:`vidret_lib.devicecheck.cuda_rules` with N virtual GPUs (``VIDRET_CUDA_RULES``, read by
+``profiles.apply_smoke``), so a profile with ``device: cuda`` runs on the CPU with CUDA's device
+rules enforced; the mode is part of the stamp, so a notebook checked without it runs again.
+
 Each notebook prints one line (name, ran / up to date and why, seconds); on a terminal a progress
 bar over its cells shows while it runs. Kernels talk over IPC sockets, not TCP, so ipykernel has
 no unencrypted-TCP warning to print. A failing notebook stops the run and names the cell.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import sys
@@ -50,10 +59,12 @@ def notebook_paths(only: list[str] | None = None) -> list[Path]:
 
 
 def code_stamp(notebook: Path, params: dict, profile: str) -> str:
-    """Hash of what an executed notebook depends on: its source, parameters and the library."""
+    """Hash of what an executed notebook depends on: its source, parameters, the library and the
+    device-rules mode (``VIDRET_CUDA_RULES``)."""
     h = hashlib.sha256()
     h.update(notebook.read_bytes())
-    h.update(json.dumps({"profile": profile, "params": params}, sort_keys=True).encode())
+    cuda_rules = os.environ.get(profiles.CUDA_RULES_ENV, "")  # a run under the device rules is another check
+    h.update(json.dumps({"profile": profile, "params": params, "cuda_rules": cuda_rules}, sort_keys=True).encode())
     for pkg in ("vidret_lib", "data_prep"):
         for src in sorted((profiles.PROJECT_ROOT / pkg).rglob("*.py")):
             h.update(src.relative_to(profiles.PROJECT_ROOT).as_posix().encode())
@@ -157,14 +168,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="default", help="params/<profile>.yaml (default: default)")
     parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 03")
     parser.add_argument("--force", action="store_true", help="re-run even up-to-date notebooks")
+    parser.add_argument("--cuda-rules", type=int, metavar="N",
+                        help="run the kernels on the CPU under CUDA's device rules with N virtual GPUs "
+                             "(vidret_lib.devicecheck; for profiles with device: cuda)")
     args = parser.parse_args(argv)
+    if args.cuda_rules is not None and args.cuda_rules < 0:
+        parser.error(f"--cuda-rules {args.cuda_rules}: give the number of virtual GPUs (>= 1), or 0 for none")
     os.environ.setdefault("VIDRET_PROGRESS", "0")
     os.environ.pop(profiles.SMOKE_ENV, None)  # the profile decides sizes here, not the environment
+    if args.cuda_rules is not None:
+        os.environ[profiles.CUDA_RULES_ENV] = str(args.cuda_rules)
     paths = notebook_paths(args.only)
     try:  # every notebook's parameters are checked before any runs: a typo costs no computed work
         overrides = profiles.profile_overrides(args.profile)
+        settings = profiles.profile_settings(args.profile)
     except (FileNotFoundError, profiles.ProfileError) as err:
         raise SystemExit(f"reproduce: {err}") from None
+    if "prepare" in settings:
+        start = time.perf_counter()
+        try:
+            module = importlib.import_module(settings["prepare"])
+        except ImportError as err:
+            raise SystemExit(f"reproduce: profile {args.profile!r} sets prepare: {settings['prepare']}, which cannot "
+                             f"be imported ({err}); fix the module name in params/{args.profile}.yaml") from None
+        kernel_env = module.prepare()
+        os.environ.update(kernel_env)
+        print(f"[{args.profile}] prepared by {settings['prepare']}: {kernel_env}, "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
     total = time.perf_counter()
     for path in paths:
         start = time.perf_counter()

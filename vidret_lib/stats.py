@@ -17,7 +17,16 @@ on every run):
   1(1):246-260). When both variants have the same seeds the seed draw is shared (paired by seed);
   otherwise each variant's seeds are drawn independently. With three seeds the seed level is coarse
   (3 seeds give 10 distinct draws) and, like every bootstrap of S values, narrows the seed variance by
-  (S - 1) / S: read a two-level CI as slightly optimistic about the seeds.
+  (S - 1) / S: read a two-level CI as slightly optimistic about the seeds;
+* **videos (clusters)** -- ``clusters=``, a (Q,) int array naming each query's video
+  (:func:`vidret_lib.tables.query_clusters`): the query draw becomes a draw of the C videos with
+  replacement, each drawn video bringing all its queries (the cluster bootstrap: Davison & Hinkley 1997,
+  *Bootstrap Methods and their Application*, sec. 3.8; Field & Welsh 2007, J. R. Stat. Soc. B
+  69(3):369-390), in both the one- and the two-level resample. A resample's mean is over the queries it
+  holds (their number varies when videos have different numbers of captions). The captions of one video
+  are scored against the same video, so their hits are correlated; drawing them one by one treats them as
+  independent and narrows the CI by about sqrt(design effect) (:func:`design_effect`). With one query per
+  video (clusters ``0..Q-1``) the cluster draw is the query draw, number for number.
 
 The 95% interval is the **percentile** interval (Efron & Tibshirani 1993, ch. 13): the 2.5% and 97.5%
 quantiles (``numpy.quantile``, linear) of the resampled differences. Not BCa, because BCa's
@@ -33,6 +42,8 @@ Cost: resamples are drawn as count vectors ((R, Q) draws, a bincount) and a mean
 so 10,000 resamples x 1,000 queries x 3 seeds x 2 variants take 0.85 s on a loaded 2-core machine;
 Spearman uses the same counts (ranks of a resample from cumulative counts, no sorting per resample):
 10,000 resamples x 2,136 pairs x 3 seeds x 2 models, 7.6 s there (1,000 resamples for a quick look).
+A cluster draw costs no more: 10,000 resamples of 2,000 queries in 1,000 videos x 3 seeds x 2 variants,
+1.1 s with ``clusters`` and 1.6 s without, on the same loaded machine.
 """
 from __future__ import annotations
 
@@ -61,7 +72,8 @@ class Interval:
     difference of the records' summary means); ``low``/``high`` the percentile interval at ``level``;
     ``n_items`` the queries (or pairs) resampled; ``n_seeds`` the seeds of (a, b) (1 for a one-level
     resample); ``paired_seeds`` whether the seed draw was shared; ``distribution`` the ``n_resamples``
-    resampled differences (float64), for a histogram.
+    resampled differences (float64), for a histogram; ``n_clusters`` the videos drawn by a cluster
+    bootstrap (None: queries were drawn one by one).
     """
 
     estimate: float
@@ -74,6 +86,7 @@ class Interval:
     n_resamples: int
     rng_seed: int
     distribution: np.ndarray = field(repr=False, compare=False)
+    n_clusters: int | None = None
 
     @property
     def half_width(self) -> float:
@@ -81,8 +94,9 @@ class Interval:
         return (self.high - self.low) / 2
 
     def __str__(self) -> str:
+        items = f"{self.n_items} items" + (f" in {self.n_clusters} clusters" if self.n_clusters is not None else "")
         return (f"{self.estimate:+.4g} [{self.low:+.4g}, {self.high:+.4g}] ({100 * self.level:g}% paired bootstrap CI, "
-                f"{self.n_items} items x {self.n_seeds[0]}/{self.n_seeds[1]} seeds)")
+                f"{items} x {self.n_seeds[0]}/{self.n_seeds[1]} seeds)")
 
 
 @dataclass(frozen=True)
@@ -168,7 +182,7 @@ def higher_is_better(metric: str) -> bool:
     return metric != "rank"
 
 
-def bootstrap_difference(a: SeedValues, b: SeedValues, *, n_resamples: int = N_RESAMPLES,
+def bootstrap_difference(a: SeedValues, b: SeedValues, *, clusters=None, n_resamples: int = N_RESAMPLES,
                          rng_seed: int = RNG_SEED, level: float = LEVEL) -> Interval:
     """Paired bootstrap CI of ``mean(b) - mean(a)`` of per-query values (see the module docstring).
 
@@ -179,27 +193,35 @@ def bootstrap_difference(a: SeedValues, b: SeedValues, *, n_resamples: int = N_R
             :func:`vidret_lib.tables.query_ranks` gives): two levels, paired by seed when both have the same
             seeds, else each variant's seeds resampled on their own. The mean is over seeds of the
             per-seed mean over queries (the records' summary mean).
+        clusters: optional (Q,) integer array, query i's video (any labels; clusters are numbered in
+            the sorted order of their labels): resample videos, each with all its queries (the cluster
+            bootstrap of the module docstring). None: resample queries.
         n_resamples, rng_seed, level: number of resamples, seed of the generator, CI level.
     Returns:
         :class:`Interval`.
     Raises:
         ValueError: different numbers of queries; NaN or inf; fewer than 2 queries; (S, Q) arrays with
-            different S; a 1-D and a 2-D input; unpaired seeds with fewer than 2 seeds on a side.
+            different S; a 1-D and a 2-D input; unpaired seeds with fewer than 2 seeds on a side;
+            ``clusters`` not (Q,) integers, or naming fewer than 2 videos.
 
     Example:
         >>> ci = bootstrap_difference(np.zeros(50), np.full(50, 2.5))   # b is 2.5 better on every query
         >>> ci.estimate, ci.low, ci.high
         (2.5, 2.5, 2.5)
+        >>> hits_a, hits_b = np.zeros(6), np.array([100.0, 100, 0, 0, 100, 100])  # 3 videos, 2 captions each
+        >>> bootstrap_difference(hits_a, hits_b, clusters=[0, 0, 1, 1, 2, 2], n_resamples=2000).n_clusters
+        3
     """
-    return _bootstrap(_mean_statistic, a, b, None, n_resamples, rng_seed, level)
+    return _bootstrap(_mean_statistic, a, b, None, n_resamples, rng_seed, level, clusters)
 
 
 def compare_ranks(ranks_a: SeedValues, ranks_b: SeedValues, metric: str = "R1", **kwargs) -> Interval:
     """:func:`bootstrap_difference` of ``per_query(ranks, metric)``: e.g. the CI of the R@1 gain of b over a.
 
     ``ranks_a``/``ranks_b``: 1-based ranks, (Q,), (S, Q) or ``{seed: (Q,)}``; ``kwargs`` go to
-    :func:`bootstrap_difference`. For ``metric="rank"`` lower is better: pass ``higher_is_better=False``
-    (:func:`higher_is_better`) to :func:`verdict`.
+    :func:`bootstrap_difference` (``clusters=`` for a video-level resample, e.g.
+    ``clusters=tables.query_clusters(record)``). For ``metric="rank"`` lower is better: pass
+    ``higher_is_better=False`` (:func:`higher_is_better`) to :func:`verdict`.
 
     Example:
         >>> a, b = {0: [1, 2, 1, 5], 1: [2, 2, 1, 1]}, {0: [1, 1, 1, 5], 1: [1, 2, 1, 1]}
@@ -217,6 +239,7 @@ def spearman_difference(scores_a: SeedValues, scores_b: SeedValues, labels, *, n
     The CIKM 2021 comparison (notebook 06): two models' predicted similarities of the same test pairs
     against the same graded labels. Spearman is Pearson's correlation of average ranks (ties share
     their mean rank, as ``scipy.stats.spearmanr``); a resample ranks its pairs with their multiplicities.
+    Pairs are drawn one by one (no ``clusters``: a resample's ranks assume it holds P pairs).
 
     Args:
         scores_a, scores_b: predicted scores of the pairs, (P,), (S, P) or ``{seed: (P,)}`` as in
@@ -291,7 +314,8 @@ def verdict_table(rows: Iterable[Mapping]) -> pd.DataFrame:
         (str) oriented so that positive means b is better (:attr:`Verdict.gain`; a rank difference is
         negated), ``"paper's effect"`` the verdict's ``delta`` (float64), ``verdict`` its outcome -- then
         ``ci_low``, ``ci_high`` (float64, the oriented CI, for plots), ``n_items`` (queries or pairs
-        resampled) and ``seeds`` (``"3/3"``: seeds of a/b).
+        resampled), ``n_clusters`` (videos drawn by a cluster bootstrap; None when queries were drawn one
+        by one) and ``seeds`` (``"3/3"``: seeds of a/b).
     Raises:
         ValueError: a row without one of the required keys (names it), a ``verdict`` that is not a
             :class:`Verdict`, or an interval whose level is not 0.95 (the column says 95%).
@@ -320,10 +344,13 @@ def verdict_table(rows: Iterable[Mapping]) -> pd.DataFrame:
         out.append({"claim": row["claim"], "comparison": row["comparison"], "metric": row["metric"],
                     "estimate": estimate, "95% CI": f"[{low:+.3g}, {high:+.3g}]", "paper's effect": v.delta,
                     "verdict": v.outcome, "scored": row.get("scored", ""), "ci_low": low, "ci_high": high,
-                    "n_items": v.interval.n_items, "seeds": "/".join(map(str, v.interval.n_seeds))})
-    columns = [*VERDICT_COLUMNS, "ci_low", "ci_high", "n_items", "seeds"]
-    return pd.DataFrame(out, columns=columns).astype({"estimate": "float64", "paper's effect": "float64",
-                                                       "ci_low": "float64", "ci_high": "float64"})
+                    "n_items": v.interval.n_items, "n_clusters": v.interval.n_clusters,
+                    "seeds": "/".join(map(str, v.interval.n_seeds))})
+    columns = [*VERDICT_COLUMNS, "ci_low", "ci_high", "n_items", "n_clusters", "seeds"]
+    frame = pd.DataFrame(out, columns=columns).astype({"estimate": "float64", "paper's effect": "float64",
+                                                        "ci_low": "float64", "ci_high": "float64"})
+    frame["n_clusters"] = pd.Series([row["n_clusters"] for row in out], index=frame.index, dtype=object)  # None, not NaN
+    return frame
 
 
 def _gain(interval: Interval, higher_is_better: bool) -> tuple[float, float]:
@@ -347,36 +374,125 @@ def discordance(ranks_a, ranks_b, k: int = 1) -> float:
     return float(np.mean(hits_a != hits_b))
 
 
-def r1_half_width(n_queries: int, discordance: float, level: float = LEVEL) -> float:
-    """Expected half-width (R@1 points) of the one-level paired CI of an R@1 difference near 0.
+def design_effect(a: SeedValues, b: SeedValues, clusters) -> float:
+    """How many times the variance of a paired mean difference grows when queries come in videos.
+
+    ``deff = var_videos / var_queries`` for the per-query differences ``d = b - a`` (averaged over
+    seeds first when several): ``var_queries = sum_i (d_i - dbar)^2 / Q^2`` is the bootstrap variance of
+    ``dbar`` when queries are drawn one by one, and ``var_videos = sum_c (T_c - m_c dbar)^2 / Q^2`` (T_c
+    the sum of video c's m_c differences) the variance under the cluster bootstrap (exact for equal m_c,
+    the delta method otherwise; Cochran 1977, *Sampling Techniques*, ch. 9A). With m captions per video
+    and intra-video correlation rho of the differences, ``deff ~ 1 + (m - 1) rho`` (Kish 1965, *Survey
+    Sampling*, ch. 5): 1 for one query per video, m when a video's captions always agree. The video
+    bootstrap CI is about ``sqrt(deff)`` times the query bootstrap CI; pass ``deff`` to
+    :func:`r1_half_width` and :func:`min_detectable_difference`.
+
+    Args:
+        a, b: per-query values (e.g. :func:`per_query` hits), (Q,), (S, Q) or ``{seed: (Q,)}`` as in
+            :func:`bootstrap_difference`; any real dtype (float64 inside).
+        clusters: (Q,) integers, query i's video (:func:`vidret_lib.tables.query_clusters`).
+    Returns:
+        float, >= 0.
+    Raises:
+        ValueError: as :func:`bootstrap_difference`; ``d`` the same on every query (no variance).
+
+    Example:
+        >>> a, b = np.zeros(4), np.array([100.0, 100.0, 0.0, 0.0])  # 2 videos whose 2 captions agree
+        >>> design_effect(a, b, [0, 0, 1, 1]), design_effect(a, b, [0, 1, 2, 3])
+        (2.0, 1.0)
+    """
+    (_, xa), (_, xb) = _seed_matrix(a, "a"), _seed_matrix(b, "b")
+    xa, xb = np.atleast_2d(xa), np.atleast_2d(xb)  # (S, Q)
+    if xa.shape[1] != xb.shape[1] or xa.shape[1] < 2:
+        raise ValueError(f"a and b need the same number (>= 2) of queries; got {xa.shape[1]} and {xb.shape[1]}")
+    d = xb.mean(0) - xa.mean(0)  # (Q,) per-query difference, averaged over seeds
+    groups = _cluster_index(clusters, len(d))
+    centred = d - d.mean()
+    var_queries = np.sum(centred ** 2)  # both variances share the factor 1 / Q^2
+    if var_queries == 0:
+        raise ValueError("b - a is the same on every query: no variance, so no design effect")
+    var_videos = np.sum(np.bincount(groups, weights=centred) ** 2)  # T_c - m_c dbar = sum over c of (d_i - dbar)
+    return float(var_videos / var_queries)
+
+
+def r1_half_width(n_queries: int, discordance: float, level: float = LEVEL, *, deff: float = 1.0) -> float:
+    """Expected half-width (R@1 points) of the paired CI of an R@1 difference near 0.
 
     The per-query difference of hits is +-100 on the discordant queries and 0 elsewhere, so with
     discordance rate p and no net difference its variance is 100^2 p, and the CI of the mean over n
-    queries is about ``z * 100 * sqrt(p / n)`` wide each side (normal approximation; ``z`` = 1.96 at
-    95%). A true difference smaller than this is unlikely to be detected. Example: n = 200, p = 0.2 ->
-    +-6.2 points. The two-level CI is wider by the seed spread.
+    queries is about ``z * 100 * sqrt(p * deff / n)`` wide each side (normal approximation of a paired
+    difference of proportions, as McNemar's test; ``z`` = 1.96 at 95%). ``deff`` (:func:`design_effect`)
+    is 1 when queries are independent (one caption per video, or the query bootstrap) and about
+    ``1 + (m - 1) rho`` for m correlated captions per video (the video bootstrap). A true difference
+    smaller than this is unlikely to be detected (:func:`min_detectable_difference`). Example: n = 200,
+    p = 0.2 -> +-6.2 points. The two-level CI is wider by the seed spread.
 
     Raises:
-        ValueError: ``n_queries`` < 2, ``discordance`` outside [0, 1], ``level`` outside (0, 1).
+        ValueError: ``n_queries`` < 2, ``discordance`` outside [0, 1], ``level`` outside (0, 1), ``deff``
+            not positive.
 
     Example:
-        >>> round(r1_half_width(200, 0.2), 2)
-        6.2
+        >>> round(r1_half_width(200, 0.2), 2), round(r1_half_width(2000, 0.2, deff=1.5), 2)
+        (6.2, 2.4)
     """
+    return float(_z(level) * _r1_standard_error(n_queries, discordance, deff))
+
+
+def min_detectable_difference(n_queries: int, discordance: float, *, deff: float = 1.0, level: float = LEVEL,
+                              power: float = 0.8) -> float:
+    """The smallest true R@1 difference (points) that a paired CI at ``level`` excludes 0 for, with
+    probability ``power``.
+
+    With the standard error ``se = 100 sqrt(p * deff / n)`` of :func:`r1_half_width`, a true difference
+    ``m`` gives an observed difference ~ N(m, se^2), which the CI separates from 0 when it exceeds
+    ``z_(1+level)/2 * se``: probability ``Phi(m / se - z_(1+level)/2)`` (the far tail ignored). Solving for
+    ``power``: ``m = (z_(1+level)/2 + z_power) * se`` -- 2.80 se at 95% and 80% power (the normal approximation
+    for paired proportions of Connor 1987, Biometrics 43(1):207-211).
+    The variance 100^2 p is taken at no difference; at ``m`` it is 100^2 p - m^2, a relative change of
+    ``m^2 / (100^2 p)`` (0.5% for m = 3 points, p = 0.2).
+
+    Args:
+        n_queries: queries scored (Q, e.g. 2,000 = 1,000 videos x 2 captions).
+        discordance: fraction of queries that exactly one variant gets right at 1 (:func:`discordance`).
+        deff: design effect (:func:`design_effect`), 1 for independent queries.
+        level, power: CI level and wanted power, in (0, 1).
+    Returns:
+        float, R@1 points.
+    Raises:
+        ValueError: as :func:`r1_half_width`; ``power`` outside (0, 1).
+
+    Example:
+        >>> round(min_detectable_difference(200, 0.2), 2), round(min_detectable_difference(2000, 0.2, deff=1.5), 2)
+        (8.86, 3.43)
+    """
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power must be in (0, 1), e.g. 0.8; got {power}")
+    return float((_z(level) + NormalDist().inv_cdf(power)) * _r1_standard_error(n_queries, discordance, deff))
+
+
+def _r1_standard_error(n_queries: int, discordance: float, deff: float) -> float:
+    """100 sqrt(p deff / n): the standard error (R@1 points) of a paired R@1 difference near 0."""
     if n_queries < 2:
         raise ValueError(f"n_queries must be >= 2; got {n_queries}")
     if not 0.0 <= discordance <= 1.0:
         raise ValueError(f"discordance is a fraction of queries in [0, 1]; got {discordance}")
-    z = NormalDist().inv_cdf(0.5 + _check_level(level) / 2)
-    return float(z * 100.0 * np.sqrt(discordance / n_queries))
+    if not (np.isfinite(deff) and deff > 0):
+        raise ValueError(f"deff (the design effect, stats.design_effect) must be finite and > 0; got {deff}")
+    return 100.0 * np.sqrt(discordance * deff / n_queries)
+
+
+def _z(level: float) -> float:
+    """The two-sided normal quantile of ``level`` (1.96 at 0.95)."""
+    return NormalDist().inv_cdf(0.5 + _check_level(level) / 2)
 
 
 # --- the resampling engine -----------------------------------------------------------------------------
 
 
 def _bootstrap(statistic: Callable[[np.ndarray, np.ndarray], np.ndarray], a: SeedValues, b: SeedValues,
-               n_items: int | None, n_resamples: int, rng_seed: int, level: float) -> Interval:
-    """CI of mean_s statistic(b_s) - mean_s statistic(a_s), resampling seeds then items (module docstring).
+               n_items: int | None, n_resamples: int, rng_seed: int, level: float, clusters=None) -> Interval:
+    """CI of mean_s statistic(b_s) - mean_s statistic(a_s), resampling seeds then items, or the items'
+    clusters (module docstring).
 
     ``statistic(x, counts)``: x (S, n) values, counts (R, n) float multiplicities of each item in R
     resamples -> (R, S) statistic of every seed in every resample.
@@ -394,6 +510,10 @@ def _bootstrap(statistic: Callable[[np.ndarray, np.ndarray], np.ndarray], a: See
                          + (f", labels {n_items}" if n_items is not None else "") + "; pass the same items in the same order")
     if n < 2:
         raise ValueError(f"too few queries to resample: {n} (need >= 2)")
+    groups = None if clusters is None else _cluster_index(clusters, n)  # (n,) each item's cluster, 0..C-1
+    n_units = n if groups is None else int(groups.max()) + 1  # what one draw picks: items, or clusters
+    if n_units < 2:
+        raise ValueError(f"too few videos (clusters) to resample: {n_units} (need >= 2)")
     if ids_a is None:
         if xa.shape[0] != xb.shape[0]:
             raise ValueError(f"(S, Q) arrays are paired by row, but a has {xa.shape[0]} seeds and b {xb.shape[0]}; "
@@ -413,7 +533,8 @@ def _bootstrap(statistic: Callable[[np.ndarray, np.ndarray], np.ndarray], a: See
     diffs = []
     for start in range(0, n_resamples, chunk):
         size = min(chunk, n_resamples - start)
-        items = _counts(rng, n, size)  # (R, n) multiplicity of each query in each resample
+        units = _counts(rng, n_units, size)  # (R, n or C) multiplicity of each query (or video) in each resample
+        items = units if groups is None else units[:, groups]  # a drawn video brings each of its queries
         seeds_a = _counts(rng, sa, size)  # (R, S) multiplicity of each seed
         seeds_b = seeds_a if paired else _counts(rng, sb, size)
         diffs.append((seeds_b * statistic(xb, items)).sum(1) / sb - (seeds_a * statistic(xa, items)).sum(1) / sa)
@@ -424,7 +545,8 @@ def _bootstrap(statistic: Callable[[np.ndarray, np.ndarray], np.ndarray], a: See
     observed = np.ones((1, n))
     estimate = float(statistic(xb, observed).mean() - statistic(xa, observed).mean())
     low, high = np.quantile(dist, [(1 - level) / 2, (1 + level) / 2])
-    return Interval(estimate, float(low), float(high), level, n, (sa, sb), paired, int(n_resamples), rng_seed, dist)
+    return Interval(estimate, float(low), float(high), level, n, (sa, sb), paired, int(n_resamples), rng_seed, dist,
+                    None if groups is None else n_units)
 
 
 def _counts(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
@@ -434,8 +556,21 @@ def _counts(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
 
 
 def _mean_statistic(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """(R, S) mean of each seed's values in each resample: sum_i counts[r, i] x[s, i] / n."""
-    return counts @ x.T / x.shape[1]
+    """(R, S) mean of each seed's values in each resample: sum_i counts[r, i] x[s, i] / sum_i counts[r, i]
+    (the denominator is n for a draw of n items; a cluster draw holds a varying number of items)."""
+    return counts @ x.T / counts.sum(1, keepdims=True)
+
+
+def _cluster_index(clusters, n: int) -> np.ndarray:
+    """(n,) int64: each item's cluster numbered 0..C-1 in the sorted order of the labels in ``clusters``."""
+    labels = np.asarray(clusters)
+    if labels.shape != (n,):
+        raise ValueError(f"clusters must be (Q,) = ({n},): one video index per query, in the queries' order "
+                         f"(tables.query_clusters); got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"clusters must be integers (each query's video index, tables.query_clusters); got dtype "
+                         f"{labels.dtype}")
+    return np.unique(labels, return_inverse=True)[1].reshape(n)
 
 
 def _spearman_statistic(labels: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:

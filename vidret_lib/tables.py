@@ -7,7 +7,13 @@ per-query test ranks of a variant through :func:`query_ranks`, which feed
 
     df = results_frame("results")
     df.query("notebook == '02_vsepp' and metric == 'R1' and direction == 't2v' and checkpoint == 'selected'")
-    ci = stats.compare_ranks(query_ranks("results/02_vsepp/SH_m0.2.json"), query_ranks("results/02_vsepp/MH_m0.2.json"))
+    ci = stats.compare_ranks(query_ranks("results/02_vsepp/SH_m0.2.json"), query_ranks("results/02_vsepp/MH_m0.2.json"),
+                             clusters=query_clusters("results/02_vsepp/SH_m0.2.json"))  # resample videos
+
+Queries are viewed two ways (``queries``, :data:`QUERY_VIEWS`): ``"all"`` the split's captions, and
+``"first_per_video"`` the first caption of each test video (as MSR-VTT's 1k-A is to its full test set),
+read from the same stored ranks (``query_ranks(..., queries=...)``, ``results_frame(..., queries=QUERY_VIEWS)``);
+see :func:`query_ranks` for when that view is exact.
 
 Two record shapes are read (both written by ``vidret_lib.experiment.load_or_run``):
 ``run_variant`` records (``metrics.runs[i].test[evaluation][checkpoint][direction][metric]``) and the
@@ -27,30 +33,40 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .experiment import load_or_run
+from .experiment import load_or_run, scored_counts
+from .metrics import summarize_ranks
 from .results import read_results
 from .stats import VERDICT_COLUMNS
 
 VERDICTS = "verdicts"  # results/<notebook>/verdicts.json: the notebook's verdict table (write_verdicts)
-ROW_KEYS = ("notebook", "variant", "seed", "checkpoint", "evaluation", "split", "direction", "metric")
+ROW_KEYS = ("notebook", "variant", "seed", "checkpoint", "evaluation", "split", "direction", "queries", "metric")
+QUERY_VIEWS = ("all", "first_per_video")  # every test caption; the first caption of each test video
 _NOT_METRICS = ("n_queries", "ranks")
 
 
-def results_frame(results_dir: str | os.PathLike, notebooks: Sequence[str] | None = None) -> pd.DataFrame:
+def results_frame(results_dir: str | os.PathLike, notebooks: Sequence[str] | None = None,
+                  queries: Sequence[str] = ("all",)) -> pd.DataFrame:
     """Every results record under ``results_dir/<notebook>/<variant>.json`` as one tidy DataFrame
-    (only the folders named in ``notebooks``, when given).
+    (only the folders named in ``notebooks``, when given), in the query views named in ``queries``
+    (:data:`QUERY_VIEWS`; ``queries=QUERY_VIEWS`` for both).
 
-    One row per notebook x variant x seed x checkpoint x evaluation x split x direction x metric:
+    One row per notebook x variant x seed x checkpoint x evaluation x split x direction x queries x metric:
 
     * ``notebook``, ``variant`` (the folder and the record's name), ``file`` (path relative to
       ``results_dir``), ``seed`` (int);
     * ``checkpoint``: ``"selected"`` (chosen on val) or ``"last"`` (the CIKM records: ``"last"``, their
       protocol); ``evaluation``: ``"plain"``, ``"dsl"``, ... (CIKM: ``"plain"``); ``split``: ``"test"``
       (CIKM records also ``"val"``); ``direction``: ``"t2v"``/``"v2t"`` (CIKM: ``"pairs"``);
+    * ``queries``: ``"all"`` (the records' own metrics); with ``"first_per_video"`` in ``queries``, t2v rows
+      also of the first caption of each video (metrics computed from the stored ranks, exact as
+      :func:`query_ranks` says) for records that store each query's video
+      (``metrics.test_set.caption_video``). Only ``"all"`` by default, so that a consumer that does not
+      filter on ``queries`` never counts a query twice;
     * ``metric`` (``R1``, ``R5``, ``R10``, ``MdR``, ``MnR``; CIKM ``spearman``) and ``value`` (float64);
-    * ``n_queries`` (queries scored in that direction; ``NaN`` when the record lacks it),
-      ``chosen_epoch``; ``n_test_videos`` and ``n_excluded_videos`` from ``metrics.test_set`` (``NaN``
-      for records written before it existed);
+    * ``n_queries`` (queries scored in that direction and view; ``NaN`` when the record lacks it),
+      ``chosen_epoch``; ``n_test_videos``, ``n_excluded_videos``, ``n_split_queries`` and
+      ``n_split_videos`` (the split's full size) from ``metrics.test_set`` (``NaN`` for records written
+      before a field existed);
     * ``config.<field>``, ``protocol.<key>`` (nested keys joined by ``.``, e.g.
       ``protocol.identity.data_key``) and ``environment.<key>``; lists become tuples.
 
@@ -59,8 +75,11 @@ def results_frame(results_dir: str | os.PathLike, notebooks: Sequence[str] | Non
 
     Raises:
         FileNotFoundError: ``results_dir`` does not exist.
-        ValueError: a file is not a vidret results file (from :func:`vidret_lib.results.read_results`).
+        ValueError: a file is not a vidret results file (from :func:`vidret_lib.results.read_results`); a
+            view in ``queries`` that is not in :data:`QUERY_VIEWS`.
     """
+    if isinstance(queries, str) or not set(queries) <= set(QUERY_VIEWS):
+        raise ValueError(f"queries must be a sequence of views from {QUERY_VIEWS}; got {queries!r}")
     root = Path(results_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"results folder {root} does not exist; run the notebooks (make reproduce) first")
@@ -77,9 +96,11 @@ def results_frame(results_dir: str | os.PathLike, notebooks: Sequence[str] | Non
         common = {"notebook": path.parent.name, "variant": record["name"], "file": path.relative_to(root).as_posix(),
                   **_test_set_columns(record["metrics"]), **_flatten(record["config"], "config"),
                   **_flatten(record["protocol"], "protocol"), **_flatten(record["environment"], "environment")}
+        caption_video = (record["metrics"].get("test_set") or {}).get("caption_video")
+        first = None if caption_video is None or "first_per_video" not in queries else _first_per_video(caption_video)
         for run in runs:
             if "test" in run and isinstance(run["test"], dict):
-                rows += [{**common, **row} for row in _variant_rows(run)]
+                rows += [{**common, **row} for row in _variant_rows(run, first)]
             elif isinstance(run.get("test"), float):
                 rows += [{**common, **row} for row in _pair_rows(run, record["protocol"].get("select", "last"))]
             else:
@@ -87,7 +108,8 @@ def results_frame(results_dir: str | os.PathLike, notebooks: Sequence[str] | Non
                 break
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        first = [*ROW_KEYS, "value", "n_queries", "chosen_epoch", "file", "n_test_videos", "n_excluded_videos"]
+        first = [*ROW_KEYS, "value", "n_queries", "chosen_epoch", "file", "n_test_videos", "n_excluded_videos",
+                 "n_split_queries", "n_split_videos"]
         frame = frame[[*first, *[c for c in frame.columns if c not in first]]]
         frame = frame.astype({"seed": "int64", "value": "float64"})
     frame.attrs["skipped"] = skipped
@@ -96,12 +118,13 @@ def results_frame(results_dir: str | os.PathLike, notebooks: Sequence[str] | Non
 
 def summary_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean, std (population, ``ddof=0``, as the records' ``summary``) and number of seeds of ``value``
-    over seeds, per notebook x variant x checkpoint x evaluation x split x direction x metric.
+    over seeds, per notebook x variant x checkpoint x evaluation x split x direction x queries x metric
+    (:data:`ROW_KEYS`; filter ``queries`` for one view: ``"all"`` or ``"first_per_video"``).
 
     Example:
         >>> df = pd.DataFrame({"notebook": "nb", "variant": "v", "seed": [0, 1], "checkpoint": "selected",
-        ...                    "evaluation": "plain", "split": "test", "direction": "t2v", "metric": "R1",
-        ...                    "value": [10.0, 20.0]})
+        ...                    "evaluation": "plain", "split": "test", "direction": "t2v", "queries": "all",
+        ...                    "metric": "R1", "value": [10.0, 20.0]})
         >>> summary_frame(df)[["mean", "std", "n"]].iloc[0].tolist()
         [15.0, 5.0, 2.0]
     """
@@ -111,21 +134,32 @@ def summary_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def query_ranks(record: str | os.PathLike | dict[str, Any], evaluation: str = "plain", checkpoint: str = "selected",
-                direction: str = "t2v") -> dict[int, np.ndarray]:
+                direction: str = "t2v", queries: str = "all") -> dict[int, np.ndarray]:
     """Per-query test ranks of a ``run_variant`` record: ``{seed: (Q,) float64 1-based ranks}``.
 
     Queries are in the test split's row order (captions for ``"t2v"``, videos for ``"v2t"``), the same
     in every seed and every variant evaluated on that split, so two variants' dicts can be passed to
-    :func:`vidret_lib.stats.compare_ranks` as they are (paired by query and by seed).
+    :func:`vidret_lib.stats.compare_ranks` as they are (paired by query and by seed), with
+    ``clusters=query_clusters(record, direction, queries)`` to resample videos.
+
+    ``queries="first_per_video"`` keeps the first caption of each test video, in row order (MSR-VTT's 1k-A
+    view of a test set with several captions per video). This is exact for plain and re-rank-free
+    evaluations, where a caption's t2v rank depends only on its own scores against the videos; with a
+    querybank re-ranking (DSL, QB-Norm: evaluations with ``rerank``) the bank was the whole query set,
+    so these are the ranks of that re-ranking over all captions, not those of an evaluation on one
+    caption per video. t2v only: v2t queries are videos ranked against every caption of the split.
 
     Args:
         record: a results file path or a record already read (:func:`vidret_lib.results.read_results`).
         evaluation, checkpoint, direction: which ranks (``run["test"][evaluation][checkpoint][direction]``).
+        queries: ``"all"`` or ``"first_per_video"`` (:data:`QUERY_VIEWS`).
     Raises:
         ValueError: the record has no runs, no such evaluation/checkpoint/direction (names the valid
-            ones), or no ranks (written before ranks were stored: re-run its notebook).
+            ones), or no ranks (written before ranks were stored: re-run its notebook); an unknown
+            ``queries``, ``"first_per_video"`` for v2t or for a record without each query's video.
     """
     record, where = _record(record)
+    keep = _query_view(record, where, direction, queries)
     runs = record["metrics"].get("runs") or []
     if not runs or not isinstance(runs[0].get("test"), dict):
         raise ValueError(f"{where} is not a run_variant record (no metrics.runs[i].test)")
@@ -139,8 +173,39 @@ def query_ranks(record: str | os.PathLike | dict[str, Any], evaluation: str = "p
         if "ranks" not in node:
             raise ValueError(f"{where} has no per-query ranks (written before run_variant stored them); "
                              "re-run its notebook to get them")
-        out[int(run["seed"])] = np.asarray(node["ranks"], dtype=np.float64)
+        ranks = np.asarray(node["ranks"], dtype=np.float64)
+        out[int(run["seed"])] = ranks if keep is None else ranks[keep]
     return out
+
+
+def query_clusters(record: str | os.PathLike | dict[str, Any], direction: str = "t2v", queries: str = "all") -> np.ndarray:
+    """Each test query's video, in :func:`query_ranks`' order: (Q,) int64, the ``clusters`` of
+    :func:`vidret_lib.stats.bootstrap_difference` (resample videos, not captions).
+
+    t2v: ``metrics.test_set.caption_video`` (query i describes video ``caption_video[i]``), restricted
+    like :func:`query_ranks` for ``queries="first_per_video"`` (one query per video: the cluster
+    bootstrap is then the query bootstrap). v2t: the queries are the videos, ``arange(n_test_videos)``.
+
+    Raises:
+        ValueError: no ``metrics.test_set`` (not a run_variant record, or written before it existed),
+            no ``caption_video`` for t2v (written before it was stored: re-run its notebook), an unknown
+            ``direction`` or ``queries``.
+
+    Example:
+        >>> rec = {"name": "v", "metrics": {"test_set": {"n_test_videos": 3, "caption_video": [0, 0, 1, 2, 2]}}}
+        >>> query_clusters(rec).tolist(), query_clusters(rec, queries="first_per_video").tolist()
+        ([0, 0, 1, 2, 2], [0, 1, 2])
+        >>> query_clusters(rec, "v2t").tolist()
+        [0, 1, 2]
+    """
+    record, where = _record(record)
+    keep = _query_view(record, where, direction, queries)
+    if direction == "v2t":
+        return np.arange(_test_set(record, where)["n_test_videos"], dtype=np.int64)
+    if direction != "t2v":
+        raise ValueError(f"{where}: unknown direction {direction!r}; use 't2v' or 'v2t'")
+    clusters = np.asarray(_caption_video(record, where), dtype=np.int64)
+    return clusters if keep is None else clusters[keep]
 
 
 def pair_scores(record: str | os.PathLike | dict[str, Any]) -> dict[int, np.ndarray]:
@@ -158,26 +223,28 @@ def pair_scores(record: str | os.PathLike | dict[str, Any]) -> dict[int, np.ndar
 
 
 def stat(summary: pd.DataFrame, variant: str, key: str = "t2v_R1", evaluation: str = "plain",
-         checkpoint: str = "selected", split: str = "test") -> dict[str, float]:
+         checkpoint: str = "selected", split: str = "test", queries: str = "all") -> dict[str, float]:
     """One row of :func:`summary_frame` as ``{"mean", "std", "n"}`` (what :func:`vidret_lib.experiment.fmt` prints).
 
     ``key``: ``"<direction>_<metric>"`` (``"t2v_R1"``, ``"v2t_MnR"``; CIKM records ``"pairs_spearman"`` with
-    ``checkpoint="last"`` and ``split`` ``"val"`` or ``"test"``).
+    ``checkpoint="last"`` and ``split`` ``"val"`` or ``"test"``); ``queries``: the view (:data:`QUERY_VIEWS`).
     Raises:
         ValueError: no row, or several rows (the frame spans notebooks that share a variant name: filter it).
 
     Example:
         >>> df = pd.DataFrame({"notebook": "nb", "variant": "v", "seed": [0, 1], "checkpoint": "selected",
-        ...                    "evaluation": "plain", "split": "test", "direction": "t2v", "metric": "R1",
-        ...                    "value": [10.0, 20.0]})
+        ...                    "evaluation": "plain", "split": "test", "direction": "t2v", "queries": "all",
+        ...                    "metric": "R1", "value": [10.0, 20.0]})
         >>> stat(summary_frame(df), "v")
         {'mean': 15.0, 'std': 5.0, 'n': 2}
     """
     direction, metric = key.split("_", 1)
     rows = summary[(summary.variant == variant) & (summary.direction == direction) & (summary.metric == metric)
-                   & (summary.evaluation == evaluation) & (summary.checkpoint == checkpoint) & (summary.split == split)]
+                   & (summary.evaluation == evaluation) & (summary.checkpoint == checkpoint) & (summary.split == split)
+                   & (summary.queries == queries)]
     if len(rows) != 1:
-        raise ValueError(f"{len(rows)} summary rows for variant {variant!r}, {key}, {evaluation}, {checkpoint}, {split} "
+        raise ValueError(f"{len(rows)} summary rows for variant {variant!r}, {key}, {evaluation}, {checkpoint}, {split}, "
+                         f"queries {queries!r} "
                          f"(variants present: {sorted(summary.variant.unique())}); filter the frame to one notebook")
     row = rows.iloc[0]
     return {"mean": float(row["mean"]), "std": float(row["std"]), "n": int(row["n"])}
@@ -203,24 +270,34 @@ def val_curves(record: str | os.PathLike | dict[str, Any], key: str = "t2v_R1") 
     return np.asarray(curves, dtype=np.float64)
 
 
-def scored_on(record: str | os.PathLike | dict[str, Any]) -> str:
+def scored_on(record: str | os.PathLike | dict[str, Any], queries: str = "all") -> str:
     """What a record's test numbers were scored on, for tables and figure captions.
 
-    ``run_variant`` records: ``"<Q> test queries, <V> videos"`` (``", <k> excluded"`` when the split dropped
-    videos), from ``metrics.test_set``; CIKM records: ``"<P> test pairs"``.
+    ``run_variant`` records, from ``metrics.test_set`` (:func:`vidret_lib.experiment.scored_counts`):
+    ``"2,000 test queries, 1,000 videos"`` for a complete split, ``"8 of 1,000 test queries, 8 of 1,000
+    videos (992 excluded: incomplete split)"`` when videos of the split were not scored (records written
+    before the split's size was stored: ``"200 test queries, 199 videos (1 excluded)"``, or no flag).
+    ``queries="first_per_video"`` counts one query per video (:func:`query_ranks`):
+    ``"1,000 test queries (one caption per video), 1,000 videos"``. CIKM records: ``"<P> test pairs"``.
     Raises:
-        ValueError: neither ``metrics.test_set`` nor ``test_scores`` (written before they were stored: re-run).
+        ValueError: neither ``metrics.test_set`` nor ``test_scores`` (written before they were stored: re-run);
+            an unknown ``queries``.
 
     Example:
-        >>> scored_on({"name": "v", "metrics": {"test_set": {"n_test_queries": 200, "n_test_videos": 199,
-        ...                "excluded_videos": {"v7": "no frames"}}}})
-        '200 test queries, 199 videos (1 excluded)'
+        >>> scored_on({"name": "v", "metrics": {"test_set": {"n_test_queries": 8, "n_test_videos": 8,
+        ...            "excluded_videos": {}, "n_split_queries": 1000, "n_split_videos": 1000}}})
+        '8 of 1,000 test queries, 8 of 1,000 videos (992 excluded: incomplete split)'
     """
     record, where = _record(record)
+    if queries not in QUERY_VIEWS:
+        raise ValueError(f"{where}: unknown queries {queries!r}; use one of {QUERY_VIEWS}")
     ts = record["metrics"].get("test_set")
     if ts is not None:
-        excluded = f" ({len(ts['excluded_videos'])} excluded)" if ts["excluded_videos"] else ""
-        return f"{ts['n_test_queries']} test queries, {ts['n_test_videos']} videos{excluded}"
+        one_per_video = queries == "first_per_video"
+        if one_per_video:  # one query per video: the split's queries are its videos
+            ts = {**ts, "n_test_queries": ts["n_test_videos"], "n_split_queries": ts.get("n_split_videos")}
+        n_queries, n_videos, note = scored_counts(ts)
+        return f"{n_queries} test queries{' (one caption per video)' if one_per_video else ''}, {n_videos} videos{note}"
     runs = record["metrics"].get("runs") or []
     if runs and "test_scores" in runs[0]:
         return f"{len(runs[0]['test_scores'])} test pairs"
@@ -264,33 +341,80 @@ def verdicts_frame(results_dir: str | os.PathLike) -> pd.DataFrame:
     return frame[["notebook", *[c for c in frame.columns if c != "notebook"]]]
 
 
-def _variant_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows of one seed of a run_variant record: every evaluation x checkpoint x direction x metric."""
-    return [
-        {"seed": run["seed"], "checkpoint": which, "evaluation": e, "split": "test", "direction": direction,
-         "metric": metric, "value": value, "n_queries": metrics.get("n_queries", np.nan),
-         "chosen_epoch": run.get("chosen_epoch")}
-        for e, by_which in run["test"].items()
-        for which, by_direction in by_which.items()
-        for direction, metrics in by_direction.items()
-        for metric, value in metrics.items() if metric not in _NOT_METRICS
-    ]
+def _variant_rows(run: dict[str, Any], first: np.ndarray | None) -> list[dict[str, Any]]:
+    """Rows of one seed of a run_variant record: every evaluation x checkpoint x direction x queries x metric.
+
+    ``first``: the t2v queries of the ``"first_per_video"`` view (:func:`_first_per_video`), or None
+    (the record does not store each query's video: ``"all"`` only)."""
+    rows = []
+    for e, by_which in run["test"].items():
+        for which, by_direction in by_which.items():
+            for direction, metrics in by_direction.items():
+                views = {"all": metrics}
+                if first is not None and direction == "t2v" and "ranks" in metrics:
+                    views["first_per_video"] = summarize_ranks(np.asarray(metrics["ranks"], dtype=np.float64)[first])
+                rows += [{"seed": run["seed"], "checkpoint": which, "evaluation": e, "split": "test",
+                          "direction": direction, "queries": view, "metric": metric, "value": value,
+                          "n_queries": values.get("n_queries", np.nan), "chosen_epoch": run.get("chosen_epoch")}
+                         for view, values in views.items()
+                         for metric, value in values.items() if metric not in _NOT_METRICS]
+    return rows
 
 
 def _pair_rows(run: dict[str, Any], checkpoint: str) -> list[dict[str, Any]]:
     """Rows of one seed of a CIKM 2021 record: the val and test Spearman of the predicted pair scores."""
     n = len(run["test_scores"]) if "test_scores" in run else np.nan
     return [{"seed": run["seed"], "checkpoint": checkpoint, "evaluation": "plain", "split": split,
-             "direction": "pairs", "metric": "spearman", "value": run[split],
+             "direction": "pairs", "queries": "all", "metric": "spearman", "value": run[split],
              "n_queries": n if split == "test" else np.nan, "chosen_epoch": None}
             for split in ("val", "test") if split in run]
 
 
 def _test_set_columns(metrics: dict[str, Any]) -> dict[str, float]:
-    test_set = metrics.get("test_set")
+    """The frame's columns from ``metrics.test_set``: NaN for a field a record does not have (or holds None)."""
+    test_set = metrics.get("test_set") or {}
+    excluded = test_set.get("excluded_videos")
+    columns = {key: test_set.get(key) for key in ("n_test_videos", "n_split_queries", "n_split_videos")}
+    columns["n_excluded_videos"] = None if excluded is None else len(excluded)
+    return {key: np.nan if value is None else value for key, value in columns.items()}
+
+
+def _first_per_video(caption_video: Sequence[int]) -> np.ndarray:
+    """Indices of the first caption of each video, in row order.
+
+    Example:
+        >>> _first_per_video([2, 2, 0, 1, 0]).tolist()
+        [0, 2, 3]
+    """
+    return np.sort(np.unique(np.asarray(caption_video), return_index=True)[1])
+
+
+def _query_view(record: dict[str, Any], where: str, direction: str, queries: str) -> np.ndarray | None:
+    """The queries of view ``queries`` (:func:`query_ranks`): None for all of them, else their indices."""
+    if queries not in QUERY_VIEWS:
+        raise ValueError(f"{where}: unknown queries {queries!r}; use one of {QUERY_VIEWS}")
+    if queries == "all":
+        return None
+    if direction != "t2v":
+        raise ValueError(f"{where}: queries='first_per_video' is a t2v view; v2t queries are videos, ranked against "
+                         "every caption of the split (one caption per video would change that gallery): use queries='all'")
+    return _first_per_video(_caption_video(record, where))
+
+
+def _test_set(record: dict[str, Any], where: str) -> dict[str, Any]:
+    test_set = record["metrics"].get("test_set")
     if test_set is None:
-        return {"n_test_videos": np.nan, "n_excluded_videos": np.nan}
-    return {"n_test_videos": test_set["n_test_videos"], "n_excluded_videos": len(test_set["excluded_videos"])}
+        raise ValueError(f"{where} has no metrics.test_set (not a run_variant record, or written before it was "
+                         "stored): re-run its notebook")
+    return test_set
+
+
+def _caption_video(record: dict[str, Any], where: str) -> list[int]:
+    test_set = _test_set(record, where)
+    if "caption_video" not in test_set:
+        raise ValueError(f"{where} has no metrics.test_set.caption_video (each test query's video; written before it "
+                         "was stored): re-run its notebook, or compare with queries='all' and no clusters")
+    return test_set["caption_video"]
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:

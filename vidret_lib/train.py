@@ -56,6 +56,18 @@ weights as CLIP4Clip (``"fp16_weights"``) or in float32, optionally with bfloat1
 (:func:`~vidret_lib.clip4clip_recipe.prepare_precision`; the forward, the loss and
 :func:`featurize` run under :func:`~vidret_lib.clip4clip_recipe.precision_context`).
 
+**Data path and public hooks** (what ``benchmarks/bench_e2e.py`` times). Each epoch's global
+batches are planned in the training process (above); each process takes its slice of every
+batch. End to end, :func:`frame_loader` (a ``torch.utils.data.DataLoader`` over
+:class:`FrameBatches`, the plan's batches in order) reads each batch's frames one video at a
+time (:func:`load_frames`) and tokenises its captions, in ``TrainConfig.loader_workers``
+processes ahead of the step (0: in the training process), pinned when the device is CUDA, as a
+:class:`RawBatch`; frozen mode indexes the cached features (:class:`FeatureBatch`). Each step
+is :func:`train_step` (:func:`encode_batch` -- end to end :func:`encode_frames` and CLIP's
+text tower --, gather, :func:`compute_loss`, ``clip4clip_step``) on the model and optimizer
+of :func:`build_model` and :func:`build_optimizer`. The worker count changes when frames are
+read, never which: the parameters after training are the same for any ``loader_workers``.
+
 The logit scale is fixed at ``logit_scale`` (CLIP's learned value trains at lr 1e-7 and stays
 at 100, papers.md §0), except with ``learned_logit_scale=True`` (end-to-end only): then the
 loss uses ``model.clip.logit_scale.exp()``, which trains with the towers (``lr * coef_lr``,
@@ -73,12 +85,13 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist_utils
 from .clip4clip_recipe import (
@@ -101,15 +114,25 @@ __all__ = [
     "LOSSES",
     "RERANKS",
     "MASK_COS",
+    "FeatureBatch",
     "FeatureSplit",
+    "FrameBatches",
+    "RawBatch",
     "RawSplit",
     "TrainConfig",
     "TrainResult",
     "build_model",
+    "build_optimizer",
     "check_disjoint",
     "compute_loss",
+    "encode_batch",
+    "encode_frames",
     "false_negative_mask",
+    "featurize",
+    "frame_loader",
+    "load_frames",
     "train",
+    "train_step",
     "evaluate",
 ]
 
@@ -226,7 +249,9 @@ class RawSplit:
 
     ``load_video(i)`` returns video i's frames uint8 (T, H, W, 3) and mask bool (T,) (e.g. from
     the frame cache of ``vidret_lib.frames``); ``sentences`` (N,), ``caption_video`` (N,),
-    ``video_ids`` and ``excluded`` as in :class:`FeatureSplit`.
+    ``video_ids`` and ``excluded`` as in :class:`FeatureSplit`. Training reads one video at a
+    time through ``load_video`` (:func:`load_frames`), also in :func:`frame_loader`'s worker
+    processes, so a split read from a frame cache never holds more than a batch of frames.
     """
 
     load_video: Callable[[int], tuple[np.ndarray, np.ndarray]]
@@ -261,9 +286,22 @@ class RawSplit:
         keep_video, keep_caption, new_index = _keep_videos(split.video_ids, _tensor(split.caption_video), failed)
         ids = tuple(v for v, k in zip(split.video_ids, keep_video.tolist()) if k)
         caption_video = _tensor(split.caption_video).long()
-        return cls(lambda i: frame_cache.load(ids[i]),
+        return cls(_CachedVideos(frame_cache, ids),
                    [s for s, k in zip(split.sentences, keep_caption.tolist()) if k],
                    new_index[caption_video[keep_caption]], len(ids), ids, failed)
+
+
+@dataclass(frozen=True)
+class _CachedVideos:
+    """``load_video`` of a frame-cache split: ``self(i)`` is ``frame_cache.load(video_ids[i])``.
+
+    A picklable object, not a lambda, so that spawned loader workers receive it."""
+
+    frame_cache: object
+    video_ids: tuple[str, ...]
+
+    def __call__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.frame_cache.load(self.video_ids[i])
 
 
 def _tensor(x) -> Tensor:
@@ -378,7 +416,9 @@ class TrainConfig:
     :data:`~vidret_lib.clip4clip_recipe.PRECISIONS`; CLIP4Clip's is ``"fp16_weights"``),
     ``freeze_layer_num`` (-1 freezes nothing; CLIP4Clip's ``--freeze_layer_num 0`` still
     freezes the towers' stem), ``learned_logit_scale`` (train CLIP's logit scale and use it in
-    the loss instead of the fixed ``logit_scale``).
+    the loss instead of the fixed ``logit_scale``), ``loader_workers`` (processes that read and
+    tokenise the next batches while the towers train, :func:`frame_loader`; 0 reads each batch
+    in the training process when it is needed; the result is the same for any value).
     """
 
     loss: str = "infonce"
@@ -408,6 +448,7 @@ class TrainConfig:
     precision: str = "fp32"
     freeze_layer_num: int = -1
     learned_logit_scale: bool = False
+    loader_workers: int = 0
     optimizer: str = "bert_adam"
     lr: float = 1e-4
     coef_lr: float = 1e-3
@@ -462,6 +503,11 @@ class TrainConfig:
                         f"{name}={getattr(self, name)!r} trains the CLIP towers: set mode='end_to_end' (with a "
                         f"RawSplit and an encoder), or leave {name} at {default!r} in {self.mode!r} mode"
                     )
+        if self.loader_workers < 0 or (self.loader_workers and self.mode != "end_to_end"):
+            raise ValueError(
+                f"loader_workers={self.loader_workers!r}: it counts the processes that read frames in "
+                f"mode='end_to_end' (0 = in the training process); use a value >= 0, and 0 in {self.mode!r} mode"
+            )
         if self.epochs < 1 or self.batch_size < 2 or self.eval_every < 1:
             raise ValueError(
                 f"need epochs >= 1, batch_size >= 2, eval_every >= 1; got {self.epochs}, "
@@ -503,6 +549,57 @@ def build_model(config: TrainConfig, dim: int, encoder=None) -> RetrievalModel:
         prepare_precision(model.clip, config.precision)  # before param_groups: fp16 keeps the parameter objects
         model.precision = config.precision
     return model.to(config.device)
+
+
+def build_optimizer(config: TrainConfig, model: RetrievalModel, total_steps: int):
+    """``(optimizer, scheduler)`` as :func:`train` makes them: ``config.optimizer`` over CLIP4Clip's
+    four parameter groups (:func:`vidret_lib.optim.param_groups`: the towers at ``lr * coef_lr``,
+    no weight decay on biases and norms), warmup-cosine over ``total_steps`` (the schedule's
+    ``t_total``; :func:`~vidret_lib.clip4clip_recipe.plan_steps` gives train()'s)."""
+    return make_optimizer(
+        config.optimizer, param_groups(model, config.lr, config.coef_lr, config.weight_decay),
+        config.lr, config.warmup, total_steps, config.weight_decay, config.max_grad_norm,
+    )
+
+
+def train_step(
+    config: TrainConfig,
+    model: RetrievalModel,
+    optimizer,
+    scheduler,
+    batch: RawBatch | FeatureBatch,
+    fn_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    check: Callable[[str, Tensor], None] | None = None,
+) -> Tensor:
+    """One training step of :func:`train` on one local batch; returns the loss (0-dim, detached).
+
+    ``batch`` sits on the model's device (a :class:`RawBatch` end to end, a :class:`FeatureBatch`
+    on cached features). Under ``config.precision``'s context: :func:`encode_batch`, the
+    embeddings gathered from every process (:mod:`vidret_lib.distributed`; identity in one
+    process), :func:`compute_loss` with the false negatives ``fn_mask`` (B, B) of the global
+    batch (or None); then :func:`~vidret_lib.clip4clip_recipe.clip4clip_step` (backward, global
+    clip, optimizer step, zero_grad, logit-scale clamp). ``check(what, value)`` (optional) sees
+    the loss, the gradient norm before any weight changes, and whether every weight is finite
+    after the step (``what`` = ``"loss"``, ``"gradient norm"``, ``"weights"``); :func:`train`
+    raises ``FloatingPointError`` there.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    with precision_context(config.precision, config.device):  # forward and loss; backward outside
+        text, vision, title = encode_batch(model, batch)
+        text, vision = dist_utils.gather(text), dist_utils.gather(vision)
+        title = dist_utils.gather(title) if title is not None else None
+        loss = compute_loss(config, model, text, vision, fn_mask, title, generator)
+    if check is not None:
+        check("loss", loss)
+    clip4clip_step(  # CLIP4Clip train_epoch: backward, global clip, step, zero_grad, clamp
+        loss, params, optimizer, model.clip.logit_scale if config.learned_logit_scale else None,
+        config.grad_clip_norm, scheduler,
+        check_grad_norm=None if check is None else lambda norm: check("gradient norm", norm),  # weights untouched
+    )
+    if check is not None:
+        check("weights", torch.stack([torch.isfinite(p).all() for p in params]).all())
+    return loss.detach()
 
 
 def _base_loss(config: TrainConfig, sim: Tensor, scale: float | Tensor) -> Tensor:
@@ -600,23 +697,136 @@ def _epoch_batches(
     return [(captions[i * size:(i + 1) * size], videos[i * size:(i + 1) * size]) for i in range(n)]
 
 
+# ==================================================================== batches on the device
+class RawBatch(NamedTuple):
+    """One (local) batch of end-to-end inputs, as :func:`frame_loader` yields it (CPU tensors).
+
+    ``frames`` uint8 (n, H, W, 3): the valid frames of the batch's videos, video by video and in
+    frame order (padded slots are not loaded onto the device, nor encoded); ``mask`` bool (b, T):
+    which of each video's T slots hold a frame (its n True entries, row-major, are ``frames``);
+    ``tokens`` int64 (b, L): the captions' token ids (the encoder's tokenizer).
+    """
+
+    frames: Tensor
+    mask: Tensor
+    tokens: Tensor
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> "RawBatch":
+        """The batch on ``device`` (``non_blocking`` copies overlap compute when the batch is pinned)."""
+        return RawBatch(*(x.to(device, non_blocking=non_blocking) for x in self))
+
+
+class FeatureBatch(NamedTuple):
+    """One (local) batch of frozen-mode inputs: rows of a :class:`FeatureSplit` on its device.
+
+    ``text`` (b, D), ``video`` (b, T, D), ``mask`` (b, T), and for MBVR ``title`` (b, D) and
+    ``title_present`` (b,) (None without titles).
+    """
+
+    text: Tensor
+    video: Tensor
+    mask: Tensor
+    title: Tensor | None
+    title_present: Tensor | None
+
+    @classmethod
+    def of(cls, split: FeatureSplit, captions: Tensor, videos: Tensor) -> "FeatureBatch":
+        """Captions ``captions`` (b,) and videos ``videos`` (b,) of ``split`` (indices, any device)."""
+        captions, videos = captions.to(split.text.device), videos.to(split.text.device)
+        titled = split.title is not None
+        return cls(split.text[captions], split.video[videos], split.mask[videos],
+                   split.title[videos] if titled else None, split.title_present[videos] if titled else None)
+
+
+def load_frames(split: RawSplit, videos: Sequence[int] | Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(frames uint8 (n, H, W, 3), mask bool (b, T))`` of ``videos`` (b split indices): the
+    valid frames of each video in order, read one video at a time through ``split.load_video``.
+
+    Raises ``ValueError`` naming the video when its frames and mask disagree in length, or when
+    its number of frame slots differs from the first video's.
+    """
+    frames, masks = [], []
+    for v in videos:
+        video_frames, mask = split.load_video(int(v))
+        mask = np.asarray(mask, dtype=bool)
+        if len(video_frames) != len(mask) or (masks and mask.shape != masks[0].shape):
+            name = split.video_ids[int(v)] if split.video_ids is not None else f"#{int(v)}"
+            raise ValueError(f"video {name}: {len(video_frames)} frames and a mask of {mask.shape}; every video of "
+                             f"a RawSplit needs frames (T, H, W, 3) and a mask (T,) with the same T (the frame "
+                             f"cache's max_frames)")
+        frames.append(video_frames[mask])
+        masks.append(mask)
+    return np.concatenate(frames), np.stack(masks)
+
+
+class FrameBatches(Dataset):
+    """Item k: the :class:`RawBatch` of ``batches[k]`` = (caption indices (b,), video indices (b,)) of ``split``.
+
+    Frames are read per video (:func:`load_frames`; a frame-cache split loads one ``.npz`` per
+    video), captions tokenised by ``tokenizer`` (list[str] -> int64 (b, L); the encoder's, on the
+    CPU). Worker processes receive this object once per epoch: forked workers share the split's
+    memory; spawned ones (macOS, Windows) pickle it, which needs a picklable ``split.load_video``
+    (:meth:`RawSplit.from_frame_cache` gives one).
+    """
+
+    def __init__(self, split: RawSplit, batches: Sequence[tuple[Tensor, Tensor]], tokenizer: Callable):
+        self.split, self.batches, self.tokenizer = split, list(batches), tokenizer
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> RawBatch:
+        captions, videos = self.batches[k]
+        frames, mask = load_frames(self.split, videos)
+        tokens = self.tokenizer([self.split.sentences[int(i)] for i in captions])
+        return RawBatch(torch.from_numpy(frames), torch.from_numpy(mask), torch.as_tensor(tokens))
+
+
+def frame_loader(split: RawSplit, batches: Sequence[tuple[Tensor, Tensor]], tokenizer: Callable,
+                 workers: int = 0, device: str | torch.device = "cpu") -> DataLoader:
+    """A ``DataLoader`` yielding the :class:`RawBatch` of each of ``batches``, in order (CPU tensors).
+
+    ``workers`` processes read and tokenise ahead of the training step (0: in this process, when
+    the step asks); the batches are pinned when ``device`` is CUDA, so that
+    ``batch.to(device, non_blocking=True)`` overlaps the copy with compute. The order, and so the
+    training, is the same for any ``workers``.
+    """
+    return DataLoader(FrameBatches(split, batches, tokenizer), batch_size=None, shuffle=False,
+                      num_workers=workers, pin_memory=torch.device(device).type == "cuda")
+
+
 # ==================================================================== end-to-end encoding
-def _tower_text(model: RetrievalModel, sentences: Sequence[str], device) -> Tensor:
-    """Text tower output (B, D) for a list of sentences."""
-    return model.clip.encode_text(model.raw_encoder.tokenize(list(sentences)).to(device)).float()
+def encode_frames(model: RetrievalModel, frames: Tensor, mask: Tensor) -> Tensor:
+    """The image tower on a batch's valid frames: per-frame features (b, T, D) float32, zero at padded slots.
 
-
-def _tower_video(model: RetrievalModel, split: RawSplit, videos: Tensor, device) -> tuple[Tensor, Tensor]:
-    """Image tower output per frame (B, T, D) (padded frames zero, not encoded) and mask (B, T)."""
-    loaded = [split.load_video(int(v)) for v in videos]
-    frames = np.stack([f for f, _ in loaded])  # (B, T, H, W, 3) uint8
-    mask_np = np.stack([np.asarray(m, dtype=bool) for _, m in loaded])  # (B, T)
-    pixels = model.raw_encoder.preprocess_frames(frames[mask_np]).to(device)  # valid frames only
-    feats = model.clip.encode_image(pixels).float()  # (n_valid, D)
-    mask = torch.as_tensor(mask_np, device=device)
-    video = feats.new_zeros(*mask.shape, feats.shape[-1])
+    ``frames`` uint8 (n, H, W, 3) and ``mask`` bool (b, T) with n True entries, as in
+    :class:`RawBatch`, on the model's device. Runs with gradients under the caller's precision
+    context; the frames are normalised on their own device (``Encoder.preprocess_frames``).
+    """
+    pixels = model.raw_encoder.preprocess_frames(frames, device=frames.device)  # (n, 3, S, S) float32
+    feats = model.clip.encode_image(pixels).float()  # (n, D)
+    video = feats.new_zeros(*mask.shape, feats.shape[-1])  # (b, T, D)
     video[mask] = feats
-    return video, mask
+    return video
+
+
+def encode_batch(model: RetrievalModel, batch: RawBatch | FeatureBatch) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Embeddings (text (b, D), vision (b, D), title (b, D) or None) of a local batch, with gradients.
+
+    A :class:`RawBatch` (end-to-end) goes through the towers (:func:`encode_frames`, CLIP's
+    ``encode_text``), a :class:`FeatureBatch` (frozen) through the adapters only; then the head.
+    """
+    if isinstance(batch, RawBatch):
+        text = model.clip.encode_text(batch.tokens).float()  # (b, D)
+        video = encode_frames(model, batch.frames, batch.mask)  # (b, T, D)
+        return model.encode_text(text), model.encode_video(video, batch.mask), None
+    title = model.encode_title(batch.title, batch.title_present) if model.use_title else None
+    return model.encode_text(batch.text), model.encode_video(batch.video, batch.mask), title
+
+
+def _tower_text(model: RetrievalModel, sentences: Sequence[str], device) -> Tensor:
+    """Text tower output (B, D) float32 for a list of sentences."""
+    return model.clip.encode_text(model.raw_encoder.tokenize(list(sentences)).to(device)).float()
 
 
 @torch.no_grad()
@@ -629,28 +839,17 @@ def featurize(model: RetrievalModel, split: RawSplit, batch: int = 32) -> Featur
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    text, videos, masks = [], [], []
     with precision_context(model.precision, device):
-        text = [_tower_text(model, split.sentences[i:i + batch], device) for i in range(0, split.num_texts, batch)]
-        videos, masks = zip(*[
-            _tower_video(model, split, torch.arange(i, min(i + batch, split.num_videos)), device)
-            for i in range(0, split.num_videos, batch)
-        ])
+        for i in range(0, split.num_texts, batch):
+            text.append(_tower_text(model, split.sentences[i:i + batch], device))
+        for i in range(0, split.num_videos, batch):
+            loaded = load_frames(split, range(i, min(i + batch, split.num_videos)))
+            frames, mask = (torch.from_numpy(x).to(device) for x in loaded)
+            videos.append(encode_frames(model, frames, mask))
+            masks.append(mask)
     model.train(was_training)
     return FeatureSplit(torch.cat(text), torch.cat(videos), torch.cat(masks), split.caption_video.to(device))
-
-
-def _encode_batch(model: RetrievalModel, split, captions: Tensor, videos: Tensor) -> tuple:
-    """Encoded (text (b, D), vision (b, D), title (b, D) or None) of a local batch, with gradients."""
-    if isinstance(split, RawSplit):
-        device = next(model.parameters()).device
-        frames, mask = _tower_video(model, split, videos, device)
-        text = _tower_text(model, [split.sentences[int(i)] for i in captions], device)
-        return model.encode_text(text), model.encode_video(frames, mask), None
-    captions, videos = captions.to(split.text.device), videos.to(split.text.device)
-    text = model.encode_text(split.text[captions])
-    vision = model.encode_video(split.video[videos], split.mask[videos])
-    title = model.encode_title(split.title[videos], split.title_present[videos]) if model.use_title else None
-    return text, vision, title
 
 
 def _sentence_ids(split) -> Tensor:
@@ -770,36 +969,26 @@ def train(config: TrainConfig, train: FeatureSplit | RawSplit, val: FeatureSplit
     caption_video = train.caption_video.cpu()
     n_items = train.num_videos if config.sampling == "video" else train.num_texts
     plan = plan_steps(n_items, min(config.batch_size, n_items), config.epochs, world)  # CLIP4Clip's loader length
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(
-        config.optimizer, param_groups(model, config.lr, config.coef_lr, config.weight_decay),
-        config.lr, config.warmup, plan.total_steps, config.weight_decay, config.max_grad_norm,
-    )
-    logit_scale = model.clip.logit_scale if config.learned_logit_scale else None  # clamped after each step
+    optimizer, scheduler = build_optimizer(config, model, plan.total_steps)
     history: list[dict] = []
     best: tuple[float, int, dict] | None = None
     for epoch in progress(range(1, config.epochs + 1), desc="epochs"):
         model.train()
         start, losses = time.perf_counter(), []
         batches = _epoch_batches(caption_video, train.num_videos, config, generator, world)
-        for step, (captions, videos) in enumerate(batches, 1):
+        local = [(dist_utils.shard(c, rank, world), dist_utils.shard(v, rank, world)) for c, v in batches]
+        if config.mode == "end_to_end":  # read (ahead, with loader_workers) and copied to the device
+            loader = frame_loader(train, local, model.raw_encoder.tokenizer, config.loader_workers, device)
+            inputs = (batch.to(device, non_blocking=True) for batch in loader)
+        else:
+            inputs = (FeatureBatch.of(train, c, v) for c, v in local)
+        for step, ((captions, videos), batch) in enumerate(zip(batches, inputs), 1):
             where = (epoch, step, plan.steps_per_epoch, train, videos)
-            with precision_context(config.precision, device):  # forward and loss; backward outside
-                text, vision, title = _encode_batch(
-                    model, train, dist_utils.shard(captions, rank, world), dist_utils.shard(videos, rank, world)
-                )
-                text, vision = dist_utils.gather(text), dist_utils.gather(vision)
-                title = dist_utils.gather(title) if title is not None else None
-                fn_mask = None
-                if config.false_negatives == "mask":
-                    fn_mask = false_negative_mask(videos, sentence_ids[captions]).to(text.device)
-                loss = compute_loss(config, model, text, vision, fn_mask, title, generator)
-            _stop_if_not_finite("loss", loss, *where)
-            clip4clip_step(  # CLIP4Clip train_epoch: backward, global clip, step, zero_grad, clamp
-                loss, params, optimizer, logit_scale, config.grad_clip_norm, scheduler,
-                check_grad_norm=lambda norm: _stop_if_not_finite("gradient norm", norm, *where),  # weights untouched
-            )
-            _stop_if_not_finite("weights", torch.stack([torch.isfinite(p).all() for p in params]).all(), *where)
+            fn_mask = None
+            if config.false_negatives == "mask":
+                fn_mask = false_negative_mask(videos, sentence_ids[captions]).to(device)
+            loss = train_step(config, model, optimizer, scheduler, batch, fn_mask, generator,
+                              check=lambda what, value: _stop_if_not_finite(what, value, *where))
             losses.append(loss.item())
         record = {
             "epoch": epoch, "loss": float(np.mean(losses)), "lr": _current_lr(optimizer),
