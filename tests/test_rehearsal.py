@@ -155,4 +155,8 @@ def test_msrvtt_rehearsal_runs_every_notebook_under_cuda_device_rules(tmp_path):
                 assert record["config"].get("device") == "cpu", (path, record["environment"], record["config"])
     assert sorted((root / "runs" / "msrvtt-rehearsal" / "figures").glob("07_*.png"))
     manifest = json.loads((root / "runs" / "msrvtt-rehearsal" / "data" / "msrvtt" / "manifest.json").read_text())
-    assert (manifest["videos"]["missing"], manifest["videos"]["unreadable"]) == (3, 2)
+    # 3 ids missing. The truncated copy (its index lost) is always refused at preparation; the copy with garbage
+    # bytes over its media data keeps its index, and from a real clip's stream decoders conceal the damage and
+    # decode it (with artifacts): refused from the generated stand-in (test above), not always from a real clip.
+    assert manifest["videos"]["missing"] == 3
+    assert 1 <= manifest["videos"]["unreadable"] <= 2, manifest["unreadable"]
