@@ -8,11 +8,11 @@ PROFILE ?= default
 STAMP := $(VENV)/.vidret-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help env test test-fast reproduce rehearsal lab site benchmarks clean-executed
+.PHONY: help env test test-fast reproduce rehearsal rehearsal-torchrun lab site benchmarks clean-executed
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=$(PROFILE) (smoke | default | msrvtt-frozen = msrvtt-gpu | msrvtt-rehearsal), PYTHON=$(PYTHON), VENV=$(VENV)"
+	@echo "  variables: PROFILE=$(PROFILE) (smoke | default | msrvtt-e2e = msrvtt-gpu | msrvtt-frozen | msrvtt-rehearsal), PYTHON=$(PYTHON), VENV=$(VENV)"
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ reproduce: $(STAMP)  ## run every notebook headless (PROFILE=default|smoke|msrvt
 
 rehearsal: $(STAMP)  ## CPU dress rehearsal of the MSR-VTT profile: every notebook on "cuda" under CUDA's device rules
 	$(PY) -m vidret_lib.reproduce --profile msrvtt-rehearsal --cuda-rules 1
+
+rehearsal-torchrun: $(STAMP)  ## the dress rehearsal on 2 ranks (torchrun, gloo), each on its own virtual GPU
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m vidret_lib.reproduce --profile msrvtt-rehearsal --cuda-rules 2
 
 # JupyterLab serves notebooks/ on 127.0.0.1 only; new notebooks get the project's kernel (python3,
 # installed into .venv above, so kernels run .venv's python with vidret_lib). allow_root: CI and

@@ -123,7 +123,7 @@ import decord
 import pooch
 
 from vidret_lib.cache import folder_lock, load_json, save_json
-from vidret_lib.datasets import Dataset, Split, write_dataset
+from vidret_lib.datasets import Dataset, Split, load_dataset, write_dataset
 from vidret_lib.progress import progress
 
 from .download import Archive, Downloader, fetch_and_extract
@@ -517,14 +517,20 @@ def make_manifest(
     }
 
 
-def prepare(source: str | Path, out: str | Path, downloads: list[dict] | None = None) -> Dataset:
+def prepare(source: str | Path, out: str | Path, downloads: list[dict] | None = None,
+            reuse_complete: bool = False) -> Dataset:
     """Build every split from the files under ``source``, check the videos, write the dataset root ``out``.
 
     ``downloads`` (from :func:`download`) is recorded in the manifest. Returns the loaded dataset.
-    Runs under :func:`vidret_lib.cache.folder_lock` on ``out``.
+    Runs under :func:`vidret_lib.cache.folder_lock` on ``out``; a second process waits. With
+    ``reuse_complete`` (what ``vidret_lib.pipeline.prepare_dataset`` passes, having found ``out``
+    incomplete), a root that is complete by then and was prepared from the same ``source`` (by the
+    process this one waited for, e.g. another torchrun rank) is loaded, not prepared again.
     """
     source, out = Path(source).resolve(), Path(out)
-    with folder_lock(out):  # two preparations into one folder: the second waits, then rewrites the same files
+    with folder_lock(out):
+        if reuse_complete and (out / "dataset.json").exists() and load_json(out / "manifest.json").get("source") == str(source):
+            return load_dataset(out)
         ann = read_annotations(source)
         (out / "dataset.json").unlink(missing_ok=True)  # the root is incomplete until written again
         splits = build_splits(ann)

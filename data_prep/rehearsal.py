@@ -20,8 +20,8 @@ the same key is reused as it is, any other is deleted and rebuilt):
     ``category.txt``, ``readme.txt``. When ``../shared/data/msrvtt/annotations`` is there they
     are a subset of the real files (:data:`TRAIN_VIDEOS` non-val and :data:`VAL_VIDEOS` val
     videos in ``MSRVTT_train.9k.csv`` order, the first :data:`TEST_QUERIES` rows of
-    ``MSRVTT_JSFUSION_test.csv``, each with every entry and caption the JSON files give it,
-    verbatim); otherwise a generated stand-in with the same names, schema and id ranges
+    ``MSRVTT_JSFUSION_test.csv``, each with every entry the JSON files give it and its first
+    :data:`CAPTIONS_PER_VIDEO` captions, verbatim); otherwise a generated stand-in with the same names, schema and id ranges
     (train ``video0``..., val ``video6513``..., test ``video9770``...), whose captions say
     what its generated clips show;
   - ``videos/video<N>.mp4`` for every chosen id but three (one train, one val and one test
@@ -59,12 +59,14 @@ from vidret_lib.cache import save_json
 from .msrvtt import CSV_1KA, CSV_7K, CSV_9K, OFFICIAL_JSON, SHIPPED_CATEGORIES, VAL_NUMBERS, _number
 from .synthetic_render import write_mp4
 
-REHEARSAL_VERSION = "1"  # bump when what build() writes changes
+REHEARSAL_VERSION = "2"  # bump when what build() writes changes
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = PROJECT_ROOT / "runs" / "msrvtt-rehearsal"  # params/msrvtt-rehearsal.yaml's paths point here
 SHARED_MSRVTT = PROJECT_ROOT.parent / "shared" / "data" / "msrvtt"
 TRAIN_VIDEOS, VAL_VIDEOS, TEST_QUERIES = 24, 8, 16
-CAPTIONS_PER_VIDEO = 20  # as MSR-VTT (stand-in only; the real subset keeps the real captions)
+# captions per video in the JSON files (MSR-VTT has 20; the real subset keeps each video's first ones): the
+# rehearsal trains end to end with caption sampling, where 20 captions would take 10x the steps of the tiny run
+CAPTIONS_PER_VIDEO = 2
 CLIP_FPS, CLIP_SECONDS, CLIP_SIZE = 5, 5, (48, 64)  # generated clips: (H, W)
 TINY_CLIP_NAME = "Tiny-CLIP-quickgelu"
 TINY_CLIP = {  # open_clip's model-config schema (open_clip/model_configs/ViT-B-32-quickgelu.json)
@@ -121,9 +123,20 @@ def real_subset(annotations: Path) -> dict[str, Any]:
         files[member] = _zip_json({
             "info": doc["info"],
             "videos": [v for v in doc["videos"] if v["video_id"] in chosen],
-            "sentences": [s for s in doc["sentences"] if s["video_id"] in chosen],
+            "sentences": _first_captions([s for s in doc["sentences"] if s["video_id"] in chosen]),
         })
     return {"files": files, "ids": {"train": train, "val": val, "test": test}}
+
+
+def _first_captions(sentences: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first :data:`CAPTIONS_PER_VIDEO` entries of each video in ``sentences``, in file order."""
+    kept: list[dict[str, Any]] = []
+    count: dict[str, int] = {}
+    for sentence in sentences:
+        count[sentence["video_id"]] = count.get(sentence["video_id"], 0) + 1
+        if count[sentence["video_id"]] <= CAPTIONS_PER_VIDEO:
+            kept.append(sentence)
+    return kept
 
 
 def _lines(lines: list[str]) -> bytes:

@@ -8,6 +8,7 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -289,3 +290,24 @@ torch.ones(2).to("cuda:0") + x
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.stdout.splitlines() == ["cuda_rules already entered with device_count=2, not 1", "cuda:1 2"], run.stderr
     assert f"RuntimeError: {SAME_DEVICE}, but found at least two devices, cuda:0 and cuda:1!" in run.stderr
+
+
+@pytest.mark.parametrize("backend", ["nccl", "cpu:gloo,cuda:nccl"])
+def test_collectives_need_the_current_cuda_device_and_cpu_tensors_a_cpu_backend(tmp_path, backend):
+    """As torch: NCCL takes CUDA tensors on the current device only; CPU tensors need a CPU backend (gloo)."""
+    with cuda_rules(device_count=2):
+        dist.init_process_group(backend=backend, init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+        try:
+            torch.cuda.set_device(1)
+            x = torch.ones(3, device="cuda")
+            dist.all_reduce(x)
+            assert x.device == torch.device("cuda", 1) and x.tolist() == [1.0, 1.0, 1.0]
+            with pytest.raises(RuntimeError, match="current device cuda:1"):
+                dist.all_reduce(torch.ones(3, device="cuda:0"))
+            if backend == "nccl":
+                with pytest.raises(RuntimeError, match="got one on cpu"):
+                    dist.broadcast(torch.ones(3), src=0)
+            else:
+                dist.broadcast(torch.ones(3), src=0)  # the gloo part of the group
+        finally:
+            dist.destroy_process_group()

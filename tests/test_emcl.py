@@ -145,11 +145,51 @@ def test_weights_equal_repeated_rows(dtype):
     assert torch.allclose(ones(x, torch.ones(len(x), dtype=dtype)), ones(x), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype,params", [(torch.float32, TRAINING), (torch.float64, TRAINING),
+                                          (torch.float64, INFERENCE)])
+def test_batch_of_inputs_equals_one_em_per_input(dtype, params):
+    # B independent EMs at once (eval mode, as RetrievalModel.similarity runs its blocks) == the plain loop on each
+    torch.manual_seed(4)
+    emcl = EMCL(momentum=0.9, **params).to(dtype).eval()
+    before = emcl.mu.clone()
+    x = torch.stack([features(n=5, d=7, seed=s, dtype=dtype) for s in range(3)])  # (B=3, N=5, D=7)
+    weights = torch.tensor([[3, 1, 2, 1, 1], [1, 1, 1, 1, 1], [4, 4, 1, 1, 2]], dtype=dtype)  # (B, N)
+    bases, resp = emcl.em(x, weights)
+    y = emcl(x, weights)
+    assert bases.shape == (3, 5, params["k"]) and resp.shape == (3, 7, params["k"]) and y.shape == x.shape
+    for b in range(3):
+        counts = weights[b].long().tolist()
+        repeated = [row for row, c in zip(x[b].double().tolist(), counts) for _ in range(c)]
+        mu, z, x_hat = ref_emcl(repeated, before[0].double().tolist(), params["stage_num"], params["lamd"])
+        first = [sum(counts[:r]) for r in range(len(counts))]  # each distinct row's first copy in the stack
+        close(bases[b], [mu[i] for i in first], dtype)
+        close(resp[b], z, dtype)
+        close(y[b], [[a + params["beta"] * h for a, h in zip(x[b, r].double().tolist(), x_hat[first[r]])]
+                     for r in range(len(counts))], dtype)
+        one_bases, one_resp = emcl.em(x[b], weights[b])  # the 2-D call on this input alone
+        torch.testing.assert_close(bases[b], one_bases, **TOL[dtype])
+        torch.testing.assert_close(resp[b], one_resp, **TOL[dtype])
+    assert torch.equal(emcl.mu, before), "eval mode leaves the bases alone"
+    close(emcl(x)[1], emcl(x[1]).double(), dtype)  # without weights: every row once
+
+
+def test_batch_in_train_mode_raises():
+    emcl = EMCL(k=3).train()
+    before = emcl.mu.clone()
+    with pytest.raises(ValueError, match=r"batch \(2, 4, 5\) in train mode.*\.eval\(\)"):
+        emcl(torch.randn(2, 4, 5))
+    assert torch.equal(emcl.mu, before)
+
+
 def test_bad_weights_raise():
     x = features(n=4, d=3)
     for bad in (torch.ones(3), torch.ones(4, 1), torch.tensor([1.0, 0.0, 2.0, 1.0])):
         with pytest.raises(ValueError, match=r"one positive multiplicity per row of x, shape \(4,\)"):
             EMCL(k=2)(x, bad)
+    batch = torch.stack([x, x])  # (2, 4, 3): one multiplicity per row of each input, shape (2, 4)
+    for bad in (torch.ones(4), torch.ones(2, 3), torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 1.0, 1.0]])):
+        with pytest.raises(ValueError, match=r"one positive multiplicity per row of x, shape \(2, 4\)"):
+            EMCL(k=2).eval()(batch, bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -181,8 +221,8 @@ def test_default_bases_collapse_is_measurable():
 
 
 def test_bad_input_raises():
-    with pytest.raises(ValueError, match=r"\(N, D\)"):
-        EMCL()(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match=r"\(N, D\) or a batch \(B, N, D\); got \(2, 1, 3, 4\)"):
+        EMCL().eval()(torch.zeros(2, 1, 3, 4))
     with pytest.raises(ValueError, match="stage_num"):
         EMCL(stage_num=0)
     with pytest.raises(ValueError, match="momentum"):

@@ -2,6 +2,8 @@
 
 Every test here runs with the network blocked (sockets refuse to connect).
 """
+import copy
+import dataclasses
 import socket
 
 import numpy as np
@@ -181,6 +183,41 @@ def test_encode_keeps_training_flag(default_encoder):
     assert torch.equal(out, ref)
     x = default_encoder.preprocess_frames(frames)
     assert model.encode_image(x).requires_grad  # the end-to-end path keeps gradients
+
+
+CAPTIONS = ["a big red circle moves left on a grey background", "a dog", "",
+            "a small blue square turns slowly, then a green triangle appears in the top left corner while " * 3,
+            "a dog", "a big red circle moves left on a grey background", "two shapes", "a dog"]
+
+
+def _alone(encoder, captions):
+    """The naive reference: each caption encoded on its own, at the full context length, in order."""
+    with torch.no_grad():
+        return torch.cat([encoder.model.encode_text(encoder.tokenize([c])) for c in captions])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_encode_text_equals_each_caption_encoded_alone_in_order(default_encoder, dtype):
+    enc = dataclasses.replace(default_encoder, model=copy.deepcopy(default_encoder.model).to(dtype))
+    got = enc.encode_text(CAPTIONS, batch_size=3)  # duplicates, "" and a truncated caption across sorted batches
+    want = _alone(enc, CAPTIONS)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=0, atol=1e-12)}[dtype]
+    torch.testing.assert_close(got.double(), want.float().double(), **tol)  # encode_text returns float32
+
+
+def test_encode_text_runs_each_distinct_caption_once_cut_to_its_batchs_longest(default_encoder, vit_s, monkeypatch):
+    for enc, cut in ((default_encoder, True), (vit_s, False)):  # vit_s: open_clip CLIP reads its full context
+        seen = []
+        forward = enc.model.encode_text
+        monkeypatch.setattr(enc.model, "encode_text", lambda tokens: seen.append(tokens) or forward(tokens))
+        enc.encode_text(CAPTIONS, batch_size=2)
+        monkeypatch.undo()
+        assert sum(len(t) for t in seen) == len(set(CAPTIONS)) == 5
+        full = enc.tokenize(CAPTIONS).shape[1]
+        lengths = [int((t != 0).sum(1).max()) for t in seen]
+        widths = [t.shape[1] for t in seen]
+        assert widths == (lengths if cut else [full] * len(seen)), (widths, lengths)
+        assert lengths == sorted(lengths) and (min(widths) < full) == cut
 
 
 @pytest.fixture(scope="module")

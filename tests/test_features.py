@@ -43,20 +43,22 @@ class StandInFrameCache:
 
 
 class Counting:
-    """Wraps an encoder and records the batch sizes it is given."""
+    """Wraps an encoder and records the batch sizes it is given (text: the captions of each call, with the
+    ``batch_size`` it is asked to run them at)."""
 
     def __init__(self, encoder):
         self.encoder, self.cache_id, self.embed_dim = encoder, encoder.cache_id, encoder.embed_dim
         self.device = encoder.device
-        self.image_batches, self.text_batches = [], []
+        self.image_batches, self.text_batches, self.text_batch_sizes = [], [], []
 
     def encode_image(self, frames):
         self.image_batches.append(len(frames))
         return self.encoder.encode_image(frames)
 
-    def encode_text(self, captions):
+    def encode_text(self, captions, batch_size=None):
         self.text_batches.append(len(captions))
-        return self.encoder.encode_text(captions)
+        self.text_batch_sizes.append(batch_size)
+        return self.encoder.encode_text(captions, batch_size=batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +153,7 @@ def test_text_features_match_naive_loop_cache_and_resume(encoder, tmp_path):
     sentences.append("a red circle moves")  # duplicates are allowed
     counting = Counting(encoder)
     feats = text_features(counting, sentences, tmp_path, batch_size=3, chunk_size=4)
-    assert counting.text_batches == [3, 1, 3]
+    assert counting.text_batches == [4, 3] and counting.text_batch_sizes == [3, 3]  # one call per chunk
     expected = torch.cat([encoder.encode_text([s]) for s in sentences])
     torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-5)
     assert feats.shape == (7, 512)
@@ -166,7 +168,7 @@ def test_text_features_match_naive_loop_cache_and_resume(encoder, tmp_path):
     counting = Counting(encoder)
     torch.testing.assert_close(text_features(counting, sentences, tmp_path, batch_size=3, chunk_size=4),
                                feats)
-    assert counting.text_batches == [3]
+    assert counting.text_batches == [3]  # only the deleted chunk
 
     counting = Counting(encoder)
     text_features(counting, sentences[:-1], tmp_path, batch_size=3, chunk_size=4)

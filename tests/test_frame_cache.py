@@ -66,7 +66,7 @@ def test_frames_are_cached_under_a_key_of_their_parameters(tmp_path):
     ds = make_dataset(tmp_path / "ds", GOOD)
     cache = frame_cache(ds, GOOD, tmp_path / "cache", **PARAMS)
     assert cache.dir == tmp_path / "cache" / "frames" / cache.key and cache.failed == {}
-    assert sorted(p.name for p in cache.dir.iterdir()) == [f"{v}.npz" for v in GOOD]
+    assert sorted(p.name for p in cache.dir.iterdir()) == [".vidret.lock"] + [f"{v}.npz" for v in GOOD]
     for vid in GOOD:
         frames, mask = cache.load(vid)
         ref_frames, ref_mask = sample_frames(ds.video_path(vid), **PARAMS)
@@ -124,7 +124,7 @@ def test_interrupted_run_keeps_finished_videos_and_resumes(tmp_path, monkeypatch
         frame_cache(ds, GOOD, tmp_path / "cache", workers=1, **PARAMS)
     assert decoded() == GOOD[:2]
     out = next((tmp_path / "cache" / "frames").iterdir())
-    assert sorted(p.name for p in out.iterdir()) == ["g0.npz", "g1.npz"]  # no partial or temporary file
+    assert sorted(p.name for p in out.iterdir()) == [".vidret.lock", "g0.npz", "g1.npz"]  # no partial or temporary file
     for vid in GOOD[:2]:
         assert load_npz(out / f"{vid}.npz")["mask"].any()
 

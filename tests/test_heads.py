@@ -232,6 +232,57 @@ def test_similarity_with_emcl_runs_on_blocks(dtype, rows):
         assert not torch.allclose(model.similarity(text, video, mask), sim, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", ["pairs", "stacked"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_similarity_scores_blocks_in_batches_equal_to_the_per_block_loop(dtype, rows, monkeypatch):
+    # 7 x 8 pairs in 3 x 3 blocks: full blocks, a ragged last row (1 text), last column (2 videos) and corner,
+    # scored in batches of several blocks (bounded by emcl_batch_rows), each equal to its own naive block
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(1)
+    model = RetrievalModel(6, emcl=EMCL(k=3, stage_num=4), emcl_block=3, emcl_rows=rows).to(dtype).eval()
+    text = torch.randn(7, 6, generator=g, dtype=dtype)
+    video = torch.randn(8, 4, 6, generator=g, dtype=dtype)
+    mask = torch.ones(8, 4, dtype=torch.bool)
+    mu = model.emcl.mu.clone()
+    calls = []
+    forward = EMCL.forward
+    def recording_forward(self, x, weights=None):  # (blocks, EMCL rows) of each call
+        calls.append(tuple(x.shape[:-1]))
+        return forward(self, x, weights)
+
+    monkeypatch.setattr(EMCL, "forward", recording_forward)
+    with torch.no_grad():
+        raw_v = video.mean(1)  # un-normalised pooled video fed to EMCL (EMCL-Net)
+        expected = torch.empty(7, 8, dtype=dtype)
+        for i in range(0, 7, 3):
+            for j in range(0, 8, 3):
+                block = naive_emcl_block(model.emcl, text[i:i + 3], raw_v[j:j + 3], rows)
+                expected[i:i + 3, j:j + 3] = torch.tensor(block, dtype=dtype)
+        calls.clear()
+        for batch_rows in (1, 12, 10_000):  # one block per batch, 12 EMCL rows (two full blocks) per batch, all at once
+            sim = model.similarity(text, video, mask, emcl_batch_rows=batch_rows)
+            assert sim.dtype == dtype and torch.allclose(sim, expected, **TOL[dtype]), batch_rows
+            assert all(len(shape) == 2 and shape[0] * shape[1] <= max(batch_rows, shape[1]) for shape in calls)
+            # (blocks, EMCL rows) per call: 4 full blocks (3 + 3 rows), 2 of the last column (3 texts + 2 videos),
+            # 2 of the last row (1 text + 3 videos), 1 corner (1 + 2)
+            assert sorted(calls) == sorted({1: [(1, 6)] * 4 + [(1, 5)] * 2 + [(1, 4)] * 2 + [(1, 3)],
+                                            12: [(2, 6)] * 2 + [(2, 5), (2, 4), (1, 3)],
+                                            10_000: [(4, 6), (2, 5), (2, 4), (1, 3)]}[batch_rows]), calls
+            calls.clear()
+    assert torch.equal(model.emcl.mu, mu), "evaluation leaves EMCL's bases alone"
+    with pytest.raises(ValueError, match="emcl_batch_rows must be >= 1; got 0"):
+        model.similarity(text, video, mask, emcl_batch_rows=0)
+
+
+def test_similarity_with_emcl_refuses_train_mode():
+    # in train mode each EMCL call moves the bases: scoring blocks there would move them once per block
+    model = RetrievalModel(4, emcl=EMCL(k=2), emcl_block=2).train()
+    mu = model.emcl.mu.clone()
+    with pytest.raises(ValueError, match=r"eval mode: call model.eval\(\)"):
+        model.similarity(torch.randn(3, 4), torch.randn(3, 2, 4), torch.ones(3, 2, dtype=torch.bool))
+    assert torch.equal(model.emcl.mu, mu)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_emcl_rows_in_training_match_naive_and_differ(dtype):
     # training calls scores() on the whole batch (train mode): the same rows, one bases update per call

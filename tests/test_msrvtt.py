@@ -580,3 +580,17 @@ def test_a_download_without_network_is_one_error_naming_the_url_and_leaves_no_fi
     with pytest.raises(ConnectionError, match=r"cannot download https://example\.invalid/data/msrvtt_data\.zip.*--from"):
         fetch(Archive(url), tmp_path / "cache", offline)
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_a_root_completed_while_waiting_is_reused_not_prepared_again(small, tmp_path, monkeypatch):
+    # pipeline.prepare_dataset passes reuse_complete=True: a second torchrun rank that waited on the folder lock
+    # loads what the first prepared instead of reading and probing everything again
+    out = tmp_path / "out"
+    first = msrvtt.prepare(small, out)
+    monkeypatch.setattr(msrvtt, "read_annotations", lambda source: pytest.fail("prepared again"))
+    assert msrvtt.prepare(small, out, reuse_complete=True).videos == first.videos
+    with pytest.raises(pytest.fail.Exception, match="prepared again"):  # without it, a call prepares again
+        msrvtt.prepare(small, out)
+    (out / "dataset.json").unlink()  # incomplete: prepared again even with reuse_complete
+    with pytest.raises(pytest.fail.Exception, match="prepared again"):
+        msrvtt.prepare(small, out, reuse_complete=True)

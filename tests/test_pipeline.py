@@ -8,6 +8,7 @@ from vidret_lib import pipeline
 from vidret_lib.datasets import write_dataset
 from vidret_lib.pipeline import DataConfig
 from vidret_lib.pretrain import PretrainConfig, StartCheckpoint, apply_start, start_key
+from vidret_lib.train import FeatureSplit
 
 DEFAULT = types.SimpleNamespace(name="default", cache_id="default-96px-x", image_size=32)
 OPEN_CLIP = types.SimpleNamespace(name="ViT-B-32-quickgelu", cache_id="vit-x", image_size=32)
@@ -81,3 +82,23 @@ def test_a_shapemotion_dataset_of_another_generator_is_regenerated_not_reused(tm
     again = pipeline.prepare_dataset(cfg)
     assert "regenerating" in capsys.readouterr().out
     assert again.info["content_hash"] == content_hash(PRESETS["smoke"], 0)
+
+
+def test_twin_queries_pairs_each_caption_with_its_videos_twin_when_present(tmp_path):
+    # a <-> b and c <-> d are time-reversed twins; d is in the split but not in the features (undecodable)
+    twins = {"a": "b", "b": "a", "c": "d", "d": "c", "e": None}
+    videos = [{"video_id": v, "path": f"{v}.mp4", "twin": t} for v, t in twins.items()]
+    rows = [{"video_id": v, "sentence": f"{v} caption {k}"} for v in "abcde" for k in range(2)]
+    ds = write_dataset(tmp_path / "ds", {"name": "t"}, videos, {"test": rows})
+    kept = ("a", "b", "c", "e")  # d left out, with its captions
+    caption_video = torch.tensor([kept.index(r["video_id"]) for r in rows if r["video_id"] in kept])
+    fs = FeatureSplit(torch.zeros(8, 4), torch.zeros(4, 2, 4), torch.ones(4, 2, dtype=torch.bool), caption_video,
+                      video_ids=kept)
+    twin_q, twin_of = pipeline.twin_queries(ds, "test", fs)
+    # naive: every caption row whose video's twin is among the kept videos, and that twin's index
+    want = [(i, kept.index(twins[kept[v]])) for i, v in enumerate(caption_video.tolist()) if twins[kept[v]] in kept]
+    assert list(zip(twin_q.tolist(), twin_of.tolist())) == want == [(0, 1), (1, 1), (2, 0), (3, 0)]
+    assert twin_q.dtype == twin_of.dtype == torch.long
+    no_twins = FeatureSplit(torch.zeros(2, 4), torch.zeros(1, 2, 4), torch.ones(1, 2, dtype=torch.bool),
+                            torch.tensor([0, 0]), video_ids=("e",))
+    assert [t.tolist() for t in pipeline.twin_queries(ds, "test", no_twins)] == [[], []]

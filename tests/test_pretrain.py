@@ -36,7 +36,7 @@ class StandIn:
         near = np.linalg.norm(x - palette, axis=-1) < 40  # (N, H, W, 12): pixel close to a colour / background
         return torch.from_numpy(near.mean((1, 2)) @ self.mix_image.T).float()
 
-    def encode_text(self, captions):
+    def encode_text(self, captions, batch_size=None):
         self.calls["text"] += 1
         counts = np.array([[c.split().count(w) for w in VOCAB] for c in captions], np.float64)
         return torch.from_numpy(counts @ self.mix_text.T + 0.1).float()

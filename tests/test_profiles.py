@@ -97,13 +97,14 @@ def test_committed_profiles_pass_the_check(profile):
         assert "msrvtt_source" in yaml.safe_load(profiles.read_profile(profile)[0].read_text())["common"]
 
 
-def test_msrvtt_gpu_is_an_alias_of_msrvtt_frozen_and_the_rehearsal_changes_only_sizes_and_places():
-    frozen = profiles.profile_overrides("msrvtt-frozen")
-    assert profiles.profile_overrides("msrvtt-gpu") == frozen
+def test_msrvtt_gpu_is_an_alias_of_msrvtt_e2e_and_the_rehearsal_changes_only_sizes_and_places():
+    e2e = profiles.profile_overrides("msrvtt-e2e")
+    assert profiles.profile_overrides("msrvtt-gpu") == e2e
     rehearsal = profiles.profile_overrides("msrvtt-rehearsal")
     assert profiles.profile_settings("msrvtt-rehearsal") == {"prepare": "data_prep.rehearsal"}
-    same = ("dataset", "device", "train_split", "val_split", "test_split", "title_source", "lr")
-    for stem, values in frozen.items():
+    same = ("dataset", "device", "train_split", "val_split", "test_split", "title_source", "lr", "mode", "precision",
+            "freeze_layer_num", "sampling", "false_negatives", "learned_logit_scale", "context_length")
+    for stem, values in e2e.items():
         assert {k: v for k, v in rehearsal[stem].items() if k in same} == {k: v for k, v in values.items() if k in same}
         assert all(str(v).startswith("../runs/msrvtt-rehearsal/") for k, v in rehearsal[stem].items()
                    if k in ("msrvtt_source", "data_dir", "cache_dir", "results_dir", "figures_dir", "pretrained")), \

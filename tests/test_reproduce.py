@@ -19,16 +19,22 @@ from vidret_lib.experiment import ledger_path, load_or_run
 from vidret_lib.results import read_results, write_results
 
 
+def make_project(root, monkeypatch, parameters: str):
+    """notebooks/01_a (a parameters cell of ``parameters``), notebooks/07_summary, params/default.yaml (empty),
+    executed/, all under ``root``, which ``profiles`` and ``reproduce`` then use."""
+    make_notebook(root / "notebooks", "01_a", parameters)
+    make_notebook(root / "notebooks", "07_summary", 'results_dir: str = "../results"\n')
+    (root / "params").mkdir()
+    (root / "params" / "default.yaml").write_text("{}\n")
+    monkeypatch.setattr(profiles, "NOTEBOOKS_DIR", root / "notebooks")
+    monkeypatch.setattr(profiles, "PARAMS_DIR", root / "params")
+    monkeypatch.setattr(reproduce, "EXECUTED_DIR", root / "executed")
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """notebooks/01_a (owns two records), notebooks/07_summary (reads them), params/, executed/."""
-    make_notebook(tmp_path / "notebooks", "01_a", 'scale: float = 1.0\nresults_dir: str = "../results"\n')
-    make_notebook(tmp_path / "notebooks", "07_summary", 'results_dir: str = "../results"\n')
-    (tmp_path / "params").mkdir()
-    (tmp_path / "params" / "default.yaml").write_text("{}\n")
-    monkeypatch.setattr(profiles, "NOTEBOOKS_DIR", tmp_path / "notebooks")
-    monkeypatch.setattr(profiles, "PARAMS_DIR", tmp_path / "params")
-    monkeypatch.setattr(reproduce, "EXECUTED_DIR", tmp_path / "executed")
+    make_project(tmp_path, monkeypatch, 'scale: float = 1.0\nresults_dir: str = "../results"\n')
     # main() changes the environment its kernels inherit: setenv makes monkeypatch restore it
     monkeypatch.setenv(profiles.SMOKE_ENV, os.environ.get(profiles.SMOKE_ENV, "1"))
     monkeypatch.setenv("VIDRET_PROGRESS", os.environ.get("VIDRET_PROGRESS", "0"))
@@ -39,8 +45,8 @@ class FakeNotebooks:
     """``papermill.execute_notebook`` stand-in: 01_a computes records x and y with ``load_or_run``
     (``computed`` counts each computation), 07_summary reads them; both write an executed copy."""
 
-    def __init__(self):
-        self.executed, self.computed, self.table = [], [], {}
+    def __init__(self, names=("x", "y")):
+        self.executed, self.computed, self.table, self.names = [], [], {}, names
 
     def __call__(self, src, out, parameters, cwd, **kw):
         stem = Path(src).stem
@@ -49,7 +55,7 @@ class FakeNotebooks:
         results = Path(cwd) / parameters.get("results_dir", "../results")
         if stem == "01_a":
             scale = parameters.get("scale", 1.0)
-            for name in ("x", "y"):
+            for name in self.names:
                 load_or_run(results, stem, name, {"scale": scale}, {}, seed=0,
                             compute=lambda name=name: self.computed.append(name) or {"R1": 10.0 * scale})
         else:
@@ -107,6 +113,22 @@ def test_any_changed_output_or_input_makes_its_notebook_run_again(project, monke
     assert run(capsys) == {"01_a": "up to date", "07_summary": "ran (input record 01_a/x.json changed)"}
     assert fake.table == {"x": 20.0, "y": 20.0}
     assert run(capsys, "--force") == {"01_a": "ran (forced)", "07_summary": "ran (forced)"}
+
+
+def test_a_record_the_notebook_no_longer_makes_is_removed_and_not_summarised(project, monkeypatch, capsys):
+    fake = FakeNotebooks()
+    monkeypatch.setattr(pm, "execute_notebook", fake)
+    run(capsys)
+    assert fake.table == {"x": 10.0, "y": 10.0}
+    fake.names = ("x",)  # the notebook's new version drops variant y
+    assert reproduce.main(["--profile", "default", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "01_a: removed 1 results file(s) this run neither wrote nor reused" in out and out.count("y.json") == 1
+    records = project / "results" / "01_a"
+    assert sorted(p.name for p in records.glob("*.json")) == ["x.json"] and not ledger_path(records / "y.json").exists()
+    assert fake.computed == ["x", "y"], "x was reused, not recomputed"
+    assert fake.table == {"x": 10.0}, "07 reads only what 01_a's last run made"
+    assert run(capsys) == {"01_a": "up to date", "07_summary": "up to date"}
 
 
 def test_kernels_use_ipc_and_a_failing_cell_is_named(project, monkeypatch, capsys):

@@ -133,11 +133,30 @@ def test_resampled_spearman_equals_scipy_on_the_expanded_resample(dtype):
     y = g.integers(0, 6, n).astype(dtype)
     x = np.stack([y + g.standard_normal(n).astype(dtype), np.round(g.standard_normal(n), 1).astype(dtype)])  # ties in x too
     counts = stats._counts(g, n, 25)
-    got = stats._spearman_statistic(y.astype(float))(x.astype(float), counts)
+    got, = stats._spearman_statistic(y.astype(float))([x.astype(float)], counts)
     for r, c in enumerate(counts.astype(int)):
         for s in range(2):
             want = scipy.stats.spearmanr(np.repeat(x[s], c), np.repeat(y, c)).statistic  # naive: materialise the resample
             assert got[r, s] == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_level_spearman_distribution_equals_a_naive_loop_over_the_same_draws(dtype):
+    # the draws of _bootstrap (one chunk): item counts (R, n), then the shared seed draw (R, S), from one rng
+    g = np.random.default_rng(12)
+    n, seeds, resamples = 30, 3, 400
+    y = g.integers(0, 5, n).astype(dtype)  # graded labels: many ties
+    a = {s: np.round(y + g.standard_normal(n), 1).astype(dtype) for s in range(seeds)}  # ties in the scores too
+    b = {s: np.round(y + 0.5 * g.standard_normal(n), 1).astype(dtype) for s in range(seeds)}
+    ours = spearman_difference(a, b, y, n_resamples=resamples, rng_seed=3)
+    rng = np.random.default_rng(3)
+    items = rng.integers(0, n, (resamples, n))
+    seed_draws = rng.integers(0, seeds, (resamples, seeds))
+    rho = lambda x, i: scipy.stats.spearmanr(x[i], y[i]).statistic  # naive: the resample itself, ranked by scipy
+    want = [np.mean([rho(b[s], i) for s in d]) - np.mean([rho(a[s], i) for s in d]) for i, d in zip(items, seed_draws)]
+    np.testing.assert_allclose(ours.distribution, want, rtol=0, atol=1e-12)
+    assert ours.estimate == pytest.approx(np.mean([rho(b[s], np.arange(n)) - rho(a[s], np.arange(n)) for s in a]),
+                                          abs=1e-12)
 
 
 def test_the_interval_is_reproducible_and_depends_on_the_rng_seed():

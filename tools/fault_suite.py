@@ -260,7 +260,7 @@ class StandInEncoder:
                                           (x[:, :h, :h], x[:, :h, h:], x[:, h:, :h], x[:, h:, h:], x[:, ::2, ::2])]
         return torch.from_numpy(np.concatenate(parts, axis=1))
 
-    def encode_text(self, sentences):
+    def encode_text(self, sentences, batch_size=None):
         import numpy as np
         import torch
 

@@ -23,10 +23,12 @@
   ``synchronize``, ``manual_seed(_all)``, ``get_device_name`` and ``current_stream`` are harmless; autocast
   ("cuda") runs in float32 (CPU tensors are outside CUDA autocast);
 - ``pin_memory()`` and ``DataLoader(pin_memory=True)`` (also with worker processes) give CPU copies;
-- ``torch.distributed``: ``init_process_group(backend="nccl")`` runs gloo, and the tensors of
-  ``broadcast`` / ``all_reduce`` / ``all_gather`` / ``all_gather_into_tensor`` /
-  ``reduce_scatter_tensor`` must then be on the current CUDA device, as NCCL needs (not checked
-  inside autograd's backward, see the limits).
+- ``torch.distributed``: ``init_process_group(backend="nccl")`` (or ``"cpu:gloo,cuda:nccl"``) runs
+  gloo, and a CUDA tensor of ``broadcast`` / ``all_reduce`` / ``all_gather`` /
+  ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` must then be on the current CUDA device,
+  as NCCL needs; a CPU tensor is refused unless the backend names one for the CPU (``cpu:gloo``),
+  as torch refuses it (not checked inside autograd's backward, see the limits). Each process of
+  a torchrun world is its own check: ``cuda_rules(device_count=WORLD_SIZE)`` in every process.
 
 How: a :class:`torch.overrides.TorchFunctionMode` sees every torch call made in this thread
 (functions, tensor methods and properties, ``nn.functional``, factories); the virtual device
@@ -89,7 +91,8 @@ class CudaRules(TorchFunctionMode):
             raise ValueError(f"device_count must be >= 1; got {device_count}")
         self.device_count = device_count
         self.current = 0
-        self.nccl = False  # init_process_group asked for nccl: collectives need CUDA tensors
+        self.nccl = False  # init_process_group asked for nccl: CUDA tensors of collectives on the current device
+        self.cpu_collectives = True  # the backend has a CPU part (gloo; not plain nccl)
         self._tags: WeakIdKeyDictionary = WeakIdKeyDictionary()  # UntypedStorage -> cuda device
         Get = torch.Tensor
         self._special: dict[Callable, Callable] = {
@@ -260,17 +263,22 @@ class CudaRules(TorchFunctionMode):
         return tree_map_only(Tensor, self._pin, data)
 
     def init_process_group(self, real: Callable, *args, backend: str | None = None, **kwargs):
-        """``init_process_group``: nccl runs as gloo; its collectives then need current-device CUDA tensors."""
+        """``init_process_group``: nccl runs as gloo; CUDA tensors of collectives must then be on the current
+        device, and CPU tensors need a CPU backend in ``backend`` (``"cpu:gloo,cuda:nccl"``; plain ``"nccl"`` has none)."""
         self.nccl = backend is not None and "nccl" in str(backend)
+        self.cpu_collectives = not self.nccl or "gloo" in str(backend)
         return real(*args, backend="gloo" if self.nccl else backend, **kwargs)
 
     def collective(self, real: Callable, *args, **kwargs):
-        """A collective: under nccl every tensor must be on the current CUDA device."""
+        """A collective: under nccl every CUDA tensor must be on the current CUDA device, and a CPU tensor
+        needs a CPU backend."""
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         # inside a handler (e.g. a custom backward run by backward()) the mode is off and tags unknown
         if self.nccl and self in torch.overrides._get_current_function_mode_stack():
             current = torch.device("cuda", self.current)
             for t in tensors:
+                if self.device_of(t) == CPU and self.cpu_collectives:
+                    continue
                 if self.device_of(t) != current:
                     raise RuntimeError(
                         f"NCCL {real.__name__}: tensors must be CUDA tensors on the current device {current} "

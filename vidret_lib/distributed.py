@@ -37,15 +37,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init_from_env", "rank_and_world", "shard", "AllGather", "gather", "average_gradients", "broadcast_parameters"]
+__all__ = ["init_from_env", "rank_and_world", "is_main_process", "from_main_process", "barrier", "shard", "AllGather",
+           "gather", "average_gradients", "broadcast_parameters"]
 
 
 def init_from_env(device: str | torch.device = "cpu") -> tuple[int, int]:
     """Join the process group described by torchrun's environment; return ``(rank, world_size)``.
 
     With ``WORLD_SIZE`` unset or 1 (a plain ``python`` run) nothing is initialised and
-    ``(0, 1)`` is returned. The backend is nccl for a CUDA device, gloo otherwise; under
-    CUDA each process uses ``cuda:LOCAL_RANK``.
+    ``(0, 1)`` is returned. When ``device`` is CUDA, or a GPU for this process exists
+    (``LOCAL_RANK < torch.cuda.device_count()``), the process uses ``cuda:LOCAL_RANK``
+    (:func:`torch.cuda.set_device`, also when the group was joined before) and the backend is
+    ``"cpu:gloo,cuda:nccl"``: nccl for CUDA tensors, gloo for CPU ones (a record's reuse
+    decision, a CPU-side probe), whichever call joins first; otherwise gloo.
 
     Example:
         >>> "WORLD_SIZE" in os.environ or init_from_env("cpu") == (0, 1)
@@ -54,11 +58,12 @@ def init_from_env(device: str | torch.device = "cpu") -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.device(device).type == "cuda" or (torch.cuda.is_available() and local_rank < torch.cuda.device_count())
+    if cuda:
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        cuda = torch.device(device).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -67,6 +72,38 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the files every process would write alike (results, figures).
+
+    Rank 0 of the process group, or, before a group is joined, of torchrun's environment
+    (``RANK``; 0 when unset): a notebook kernel that has not trained yet knows its rank too.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def from_main_process(value):
+    """Rank 0's ``value`` (any picklable object) on every process; ``value`` itself without a group.
+
+    For decisions every process must take alike (reuse a record or compute it: a process that
+    computes alone would wait forever in training's collectives). Join the group first
+    (:func:`init_from_env`).
+    """
+    _, world = rank_and_world()
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait until every process of the group gets here (nothing without a group)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
 
 
 def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

@@ -85,17 +85,18 @@ class EMCL(nn.Module):
 
     @staticmethod
     def _weights(x: Tensor, weights: Tensor | None) -> Tensor:
-        """Row multiplicities as a column (N, 1) in ``x``'s dtype/device; checks the shapes."""
-        if x.ndim != 2:
-            raise ValueError(f"EMCL expects features of shape (N, D); got {tuple(x.shape)}")
+        """Row multiplicities as a column (..., N, 1) in ``x``'s dtype/device; checks the shapes."""
+        if x.ndim not in (2, 3):
+            raise ValueError(f"EMCL expects features of shape (N, D) or a batch (B, N, D); got {tuple(x.shape)}")
+        rows = tuple(x.shape[:-1])
         if weights is None:
-            return x.new_ones(len(x), 1)
-        if weights.shape != (len(x),) or not bool((weights > 0).all()):
+            return x.new_ones(*rows, 1)
+        if tuple(weights.shape) != rows or not bool((weights > 0).all()):
             raise ValueError(
-                f"EMCL weights must be one positive multiplicity per row of x, shape ({len(x)},); "
-                f"got shape {tuple(weights.shape)}" + ("" if weights.shape != (len(x),) else " with a value <= 0")
+                f"EMCL weights must be one positive multiplicity per row of x, shape {rows}; "
+                f"got shape {tuple(weights.shape)}" + ("" if tuple(weights.shape) != rows else " with a value <= 0")
             )
-        return weights.to(x)[:, None]
+        return weights.to(x)[..., None]
 
     @torch.no_grad()
     def em(self, x: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -105,29 +106,46 @@ class EMCL(nn.Module):
         Returns ``(bases, resp)``: the final bases ``mu`` (N, K), unit columns (in the
         ``weights``-weighted norm), and the final normalised responsibilities ``Z`` (D, K);
         ``bases @ resp.T`` is ``X_hat``. ``torch.linalg.svdvals(bases)`` shows how many
-        independent bases were learned. Raises ``ValueError`` for a non-2-D ``x`` or bad weights.
+        independent bases were learned.
+
+        **A batch of independent inputs**: ``x`` (B, N, D) with ``weights`` (B, N) runs B
+        separate EMs at once (batched matmuls; each ``x[b]`` from the same ``mu``, as B calls
+        would, to float rounding) and returns ``bases`` (B, N, K) and ``resp`` (B, D, K).
+        Raises ``ValueError`` for an ``x`` that is not 2-D or 3-D, or bad weights.
 
         Example:
             >>> bases, resp = EMCL(k=3).em(torch.randn(5, 7))
             >>> tuple(bases.shape), tuple(resp.shape)
             ((5, 3), (7, 3))
+            >>> tuple(EMCL(k=3).em(torch.randn(4, 5, 7))[1].shape)
+            (4, 7, 3)
         """
-        w = self._weights(x, weights)  # (N, 1) multiplicities, 1 = EMCL-Net's plain stack
-        bases = self.mu.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1)  # (N, K)
+        w = self._weights(x, weights)  # (..., N, 1) multiplicities, 1 = EMCL-Net's plain stack
+        root_w = w.sqrt()  # (..., N, 1): the weighted column norm is the plain norm of root_w * bases
+        bases = self.mu.to(device=x.device, dtype=x.dtype).expand(*x.shape[:-1], -1)  # (..., N, K)
+        x_t = x.mT.contiguous()  # (..., D, N), copied once: a GEMM on a contiguous operand is faster
+        # the in-place steps below compute the same values as out-of-place ones, without new buffers
         for _ in range(self.stage_num):
-            resp = torch.softmax(x.T @ (w * bases) / self.lamd, dim=1)  # E-step (D, K): softmax over K
-            resp = resp / (1e-6 + resp.sum(dim=0, keepdim=True))  # (D, K): normalise over D
-            bases = x @ resp  # M-step (N, K): mu = X Z
-            bases = bases / (1e-6 + (w.sqrt() * bases).norm(dim=0, keepdim=True))  # (N, K): unit columns
+            resp = torch.softmax((x_t @ (w * bases)).div_(self.lamd), dim=-1)  # E-step (..., D, K): softmax over K
+            resp.div_(resp.sum(dim=-2, keepdim=True).add_(1e-6))  # (..., D, K): / (1e-6 + sum over D)
+            bases = x @ resp  # M-step (..., N, K): mu = X Z
+            bases.div_((root_w * bases).norm(dim=-2, keepdim=True).add_(1e-6))  # (..., N, K): unit columns
         return bases, resp
 
     def forward(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
         """``Y = X + beta * X_hat`` for ``x`` (N, D), rows weighted by ``weights`` (N,) if given.
 
-        Train mode also updates ``mu`` (one momentum step per call).
+        Train mode also updates ``mu`` (one momentum step per call). In eval mode ``x`` may be a
+        batch (B, N, D) of independent inputs with ``weights`` (B, N) (see :meth:`em`); -> (B, N, D).
+        Raises ``ValueError`` for a batch in train mode (one momentum step needs one input).
         """
-        bases, resp = self.em(x, weights)  # (N, K), (D, K), both without gradient
-        x_hat = bases @ resp.T  # (N, D) reconstruction from the K bases
+        if self.training and x.ndim == 3:
+            raise ValueError(
+                f"EMCL got a batch {tuple(x.shape)} in train mode, where each call moves the bases once: "
+                "call it once per (N, D) input, or call .eval() to evaluate a batch of independent inputs"
+            )
+        bases, resp = self.em(x, weights)  # (..., N, K), (..., D, K), both without gradient
+        x_hat = bases @ resp.mT  # (..., N, D) reconstruction from the K bases
         if self.training:  # initial value maintenance: momentum update of the (1, K) buffer
             w = self._weights(x, weights)
             new = ((w * bases).sum(dim=0, keepdim=True) / w.sum()).to(self.mu)  # (1, K) mean over the N rows

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import cache_key
+from .features import TEXT_BATCH
 from .runinfo import package_versions
 
 DEFAULT_IMAGE_SIZE = 96  # ShapeMotion's frame size; see the module docstring
@@ -129,10 +130,38 @@ class Encoder:
         with _eval_no_grad(self.model):
             return self.model.encode_image(self.preprocess_frames(frames)).float()
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """Captions -> features (N, D) float32, not L2-normalised, no grad."""
+    def encode_text(self, captions: list[str], batch_size: int | None = None) -> torch.Tensor:
+        """Captions (N) -> features (N, D) float32 on the device, in the captions' order, not
+        L2-normalised, no grad.
+
+        Each distinct caption is encoded once (ShapeMotion's grammar repeats captions), the
+        distinct ones sorted by token count and encoded ``batch_size`` at a time (default
+        :data:`vidret_lib.features.TEXT_BATCH` for the device). A text tower that
+        masks its padding (the default encoder's Hugging Face tower: attention mask = tokens != pad id,
+        mean pooling over the mask) reads each batch cut to its longest caption, so a short caption is
+        not run through 32 positions; the positions cut are padding the mask ignores, so a caption's
+        feature equals encoding it alone, to float rounding (tests/test_encoders.py). Other towers
+        (open_clip's CLIP) read the full context. Raises ``TypeError`` unless ``captions`` is a list
+        of strings, ``ValueError`` for ``batch_size`` < 1.
+        """
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+            raise TypeError("captions must be a list of strings")
+        batch_size = TEXT_BATCH.get(self.device.type, TEXT_BATCH["cpu"]) if batch_size is None else batch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        unique = list(dict.fromkeys(captions))  # first-seen order
+        tokens = self.tokenize(unique)  # (U, L)
+        pad_id = _padding_masked_by(self.model)
+        lengths = (tokens != (0 if pad_id is None else pad_id)).sum(1)  # (U,) tokens before right padding
+        features = torch.empty(len(unique), self.embed_dim, device=self.device)
         with _eval_no_grad(self.model):
-            return self.model.encode_text(self.tokenize(captions)).float()
+            for rows in torch.argsort(lengths, stable=True).split(batch_size):
+                batch = tokens[rows]
+                if pad_id is not None:
+                    batch = batch[:, :int(lengths[rows].max())]  # drop columns that are padding in every row
+                features[rows] = self.model.encode_text(batch).float()
+        index = {c: i for i, c in enumerate(unique)}
+        return features[torch.tensor([index[c] for c in captions], dtype=torch.long, device=self.device)]
 
     def text_transformer_blocks(self, n: int = 4) -> list[nn.Module] | None:
         """The first ``n`` residual blocks of a CLIP text transformer, or None.
@@ -382,6 +411,17 @@ def _activation(model: nn.Module) -> str:
 
 
 # --- helpers --------------------------------------------------------------------------
+
+def _padding_masked_by(model: nn.Module) -> int | None:
+    """The pad token id of ``model``'s text tower when the tower masks padding out (open_clip's
+    ``HFTextEncoder``: attention mask ``tokens != pad_token_id``, the poolers read only masked-in
+    positions), so right padding can be cut; None for other towers (open_clip's ``CLIP`` adds
+    its full positional embedding and needs the full context)."""
+    from open_clip.hf_model import HFTextEncoder
+
+    text = getattr(model, "text", None)
+    return text.config.pad_token_id if isinstance(text, HFTextEncoder) else None
+
 
 def _resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 3, H, W) in [0, 255] -> (N, 3, size, size): shorter side to ``size``, center crop."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import inspect
 import json
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import distributed
 from .cache import atomic_write
 from .datasets import Split
 from .heads import RetrievalModel
@@ -128,20 +130,38 @@ def load_or_run(
     "This checkout wrote it": the record's checksum is in :func:`ledger_path`, a git-ignored
     file beside it. Records that arrive with ``git clone`` have none, so a fresh clone computes
     every number again (and ``git diff results/`` shows how they compare with the committed ones).
+
+    Under torchrun (a notebook kernel of ``torchrun ... -m vidret_lib.reproduce``) every process
+    takes rank 0's decision (:func:`vidret_lib.distributed.from_main_process`): ranks whose configs
+    differ (``device`` ``cuda:0`` / ``cuda:1``) or that see the folder at different moments would
+    otherwise decide apart, and one that trains alone waits forever in training's collectives.
+    Every process computes, only rank 0 writes the record and its ledger, and every process returns
+    rank 0's record once it is on disk (a barrier), so later cells take the same branches everywhere.
     """
     path = Path(results_dir) / notebook / f"{name}.json"
     ledger = ledger_path(path)
     config = _jsonable(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config)
     identity = _jsonable({**identity, "library": library_hash()})
-    if path.exists() and ledger.exists() and ledger.read_text() == _sha256(path):
-        old = read_results(path)
-        if old["config"] == config and old["protocol"].get("identity") == identity:
-            return old
+    distributed.init_from_env(device)  # torchrun: the kernel joins its group here if no training did yet
+    if distributed.from_main_process(_reusable(path, ledger, config, identity)):
+        if distributed.is_main_process():
+            os.utime(path)  # reused by this run: `reproduce` removes the records a run neither wrote nor reused
+        return read_results(path)
+    # every rank computes; rank 0 writes, and every rank waits for its record (write_results)
     write_results(path, name, compute(), config, seed=seed, device=device,
                   protocol={**(protocol or {}), "identity": identity})
-    digest = _sha256(path)
-    atomic_write(ledger, lambda tmp: tmp.write_text(digest))
+    if distributed.is_main_process():
+        digest = _sha256(path)
+        atomic_write(ledger, lambda tmp: tmp.write_text(digest))
     return read_results(path)
+
+
+def _reusable(path: Path, ledger: Path, config: Any, identity: dict[str, Any]) -> bool:
+    """Whether record ``path`` was written by this checkout (:func:`ledger_path`) from ``config`` and ``identity``."""
+    if not (path.exists() and ledger.exists() and ledger.read_text() == _sha256(path)):
+        return False
+    old = read_results(path)
+    return old["config"] == config and old["protocol"].get("identity") == identity
 
 
 def ledger_path(record: str | Path) -> Path:

@@ -14,7 +14,10 @@ Layout under ``<cache_dir>/features/``:
   holds ``chunk-00000.npz``, ... of ``chunk_size`` sentences each: ``feats`` (n, D).
 
 Chunks are written atomically as soon as they are done, so a killed run resumes at the
-first missing chunk, and a second call only reads files (the encoder is not called).
+first missing chunk, and a second call only reads files (the encoder is not called). A folder is
+locked while its chunks are computed (:func:`vidret_lib.cache.folder_lock`): a second process
+asking for the same features at the same time (another torchrun rank) waits, then reads them. A
+call that computes chunks prints one line naming the folder.
 Features are the encoder's raw outputs (not L2-normalised).
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .cache import cache_key, load_npz, save_npz
+from .cache import cache_key, folder_lock, load_npz, save_npz
 from .progress import progress
 
 VIDEO_CHUNK = 256
@@ -66,6 +69,7 @@ def video_features(
         >>> frames = types.SimpleNamespace(key="k", failed={}, content={"3": "a", "7": "b"}, load=lambda v: (
         ...     np.full((2, 4, 4, 3), int(v), np.uint8), np.array([True, v == "7"])))
         >>> feats, mask = video_features(Enc(), frames, ["3", "7"], tempfile.mkdtemp())
+        features: encoding 2 of 2 videos into ...
         >>> feats[..., 0].tolist(), mask.tolist()
         ([[3.0, 0.0], [7.0, 7.0]], [[True, False], [True, True]])
     """
@@ -81,18 +85,21 @@ def video_features(
     # content stamp: the frame cache retries failed videos and re-decodes replaced ones, and
     # neither may reuse the chunk's old features
     paths = [folder / f"{_chunk_name(ids, frame_cache)}.npz" for ids in chunks]
-    todo = sum(len(ids) for ids, path in zip(chunks, paths) if not path.exists())
+    with folder_lock(folder):  # a second process (another torchrun rank) waits, then reads the chunks
+        todo = sum(len(ids) for ids, path in zip(chunks, paths) if not path.exists())
+        _say_computing(todo, len(video_ids), "videos", folder)
+        with progress(total=todo, desc="video features", unit="video") as bar:
+            for ids, path in zip(chunks, paths):
+                if not path.exists():
+                    feats_np, mask_np = _encode_videos(encoder, frame_cache, ids, batch_size, bar.update)
+                    save_npz(path, feats=feats_np, mask=mask_np, video_ids=np.array(ids))
     feats, masks = [], []
-    with progress(total=todo, desc="video features", unit="video") as bar:
-        for ids, path in zip(chunks, paths):
-            if not path.exists():
-                feats_np, mask_np = _encode_videos(encoder, frame_cache, ids, batch_size, bar.update)
-                save_npz(path, feats=feats_np, mask=mask_np, video_ids=np.array(ids))
-            data = load_npz(path)
-            if data["video_ids"].tolist() != ids:
-                raise ValueError(f"{path} holds other videos than expected; delete it to recompute")
-            feats.append(data["feats"])
-            masks.append(data["mask"])
+    for ids, path in zip(chunks, paths):
+        data = load_npz(path)
+        if data["video_ids"].tolist() != ids:
+            raise ValueError(f"{path} holds other videos than expected; delete it to recompute")
+        feats.append(data["feats"])
+        masks.append(data["mask"])
     return torch.from_numpy(np.concatenate(feats)), torch.from_numpy(np.concatenate(masks))
 
 
@@ -103,15 +110,18 @@ def text_features(
     batch_size: int | None = None,
     chunk_size: int = TEXT_CHUNK,
 ) -> torch.Tensor:
-    """Features (N, D) float32 of ``sentences``, in order, ``batch_size`` at a time
-    (default ``TEXT_BATCH`` for the encoder's device).
+    """Features (N, D) float32 of ``sentences``, in order: ``encoder.encode_text(chunk, batch_size=...)``
+    per chunk of ``chunk_size`` sentences, cached per chunk; the encoder runs ``batch_size`` captions at a
+    time (default ``TEXT_BATCH`` for the encoder's device; :meth:`vidret_lib.encoders.Encoder.encode_text`
+    encodes each distinct caption of the chunk once, sorted by length).
 
     Example:
         >>> import tempfile
         >>> class Enc:  # a stand-in: feature = caption length, D = 1
         ...     cache_id, device = "length", "cpu"
-        ...     def encode_text(self, c): return torch.tensor([[float(len(s))] for s in c])
+        ...     def encode_text(self, c, batch_size=None): return torch.tensor([[float(len(s))] for s in c])
         >>> text_features(Enc(), ["a", "abc"], tempfile.mkdtemp())[:, 0].tolist()
+        features: encoding 2 of 2 captions into ...
         [1.0, 3.0]
     """
     sentences = list(sentences)
@@ -124,19 +134,17 @@ def text_features(
                            chunk_size=chunk_size)
     starts = range(0, len(sentences), chunk_size)
     paths = [folder / f"chunk-{i:05d}.npz" for i in range(len(starts))]
-    todo = sum(len(sentences[s:s + chunk_size]) for s, p in zip(starts, paths) if not p.exists())
-    feats = []
-    with progress(total=todo, desc="text features", unit="caption") as bar:
-        for start, path in zip(starts, paths):
-            if not path.exists():
-                chunk = sentences[start:start + chunk_size]
-                out = []
-                for b in range(0, len(chunk), batch_size):
-                    out.append(encoder.encode_text(chunk[b:b + batch_size]).cpu().numpy())
-                    bar.update(len(out[-1]))
-                save_npz(path, feats=np.concatenate(out))
-            feats.append(load_npz(path)["feats"])
-    return torch.from_numpy(np.concatenate(feats))
+    with folder_lock(folder):  # a second process (another torchrun rank) waits, then reads the chunks
+        todo = sum(len(sentences[s:s + chunk_size]) for s, p in zip(starts, paths) if not p.exists())
+        _say_computing(todo, len(sentences), "captions", folder)
+        with progress(total=todo, desc="text features", unit="caption") as bar:
+            for start, path in zip(starts, paths):
+                if not path.exists():
+                    chunk = sentences[start:start + chunk_size]
+                    # one call per chunk: the encoder encodes its distinct captions once, batched by length
+                    save_npz(path, feats=encoder.encode_text(chunk, batch_size=batch_size).cpu().numpy())
+                    bar.update(len(chunk))
+    return torch.from_numpy(np.concatenate([load_npz(path)["feats"] for path in paths]))
 
 
 def _encode_videos(
@@ -163,6 +171,13 @@ def _encode_videos(
     if flat_feats:
         feats[mask] = np.concatenate(flat_feats)  # row-major order = video, then frame
     return feats, mask
+
+
+def _say_computing(todo: int, total: int, unit: str, folder: Path) -> None:
+    """One line when a call computes features (not when it only reads them): which process filled a cache
+    shows in its log (tests count these lines)."""
+    if todo:
+        print(f"features: encoding {todo} of {total} {unit} into {folder}", flush=True)
 
 
 def _batches(groups: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:

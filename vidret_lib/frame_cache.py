@@ -38,7 +38,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .cache import cache_key, load_json, load_npz, save_json, save_npz
+from .cache import cache_key, folder_lock, load_json, load_npz, save_json, save_npz
 from .datasets import Dataset
 from .frames import DECODERS, SAMPLER_VERSION, SampledClip, VideoDecodeError, sample_clip
 from .progress import progress
@@ -131,7 +131,11 @@ def frame_cache(
     (default ``min(os.cpu_count(), videos to decode)``; the frames are the same for any
     number), each video within ``timeout`` seconds, records videos that cannot be decoded or
     time out in ``failures.json`` and warns once, naming them. Interrupting it loses at most
-    the videos being decoded. Raises ``ValueError`` for ``workers < 1`` or ``timeout <= 0``.
+    the videos being decoded. The cache folder is locked while it is filled
+    (:func:`vidret_lib.cache.folder_lock`): a second process asking at the same time (another
+    torchrun rank) waits, then loads the frames the first decoded. When it decodes videos that were
+    not tried before, prints one line naming the folder. Raises ``ValueError`` for ``workers < 1``
+    or ``timeout <= 0``.
     """
     if (workers is not None and workers < 1) or not timeout > 0:
         raise ValueError(f"workers ({workers}) must be >= 1 and timeout ({timeout}) > 0 seconds")
@@ -148,10 +152,27 @@ def frame_cache(
     )
     out = Path(cache_dir) / "frames" / key
     content = {vid: _content(dataset.video_path(vid)) for vid in ids}
+    with folder_lock(out):  # a second process (another torchrun rank) waits, then finds the videos decoded
+        decoders, failed_here = _fill(dataset, ids, out, key, content, (max_frames, sample_fps, size), workers, timeout)
+    if failed_here:
+        _warn_failures(failed_here, len(ids), out / FAILURES)
+    return FrameCache(out, key, tuple(ids), max_frames, size, failed_here, content,
+                      {v: decoders[v] for v in ids if v in decoders})
+
+
+def _fill(dataset: Dataset, ids: list[str], out: Path, key: str, content: dict[str, str], sampling: tuple,
+          workers: int | None, timeout: float) -> tuple[dict[str, str], dict[str, str]]:
+    """Decode into ``out`` the videos of ``ids`` not cached for their ``content`` (and retry the failed ones);
+    return (decoder per decoded video, reason per failed video). Prints one line when it decodes new videos."""
     decoders = {vid: d for vid in ids if (d := _cached_decoder(out / f"{vid}.npz", content[vid]))}
     todo = [vid for vid in ids if vid not in decoders]
+    failures_path = out / FAILURES
+    known = load_json(failures_path) if failures_path.exists() else {}
+    new = [vid for vid in todo if vid not in known]
+    if new:  # one line per cache filled, so a log shows which process decoded (tests count them)
+        print(f"frame cache {key}: decoding {len(new)} new videos into {out}", flush=True)
     failed: dict[str, str] = {}
-    jobs = [(vid, dataset.video_path(vid), (max_frames, sample_fps, size)) for vid in todo]
+    jobs = [(vid, dataset.video_path(vid), sampling) for vid in todo]
     n_workers = min(workers or os.cpu_count() or 1, len(jobs))
     outcomes = _decode_in_processes(jobs, n_workers, timeout)
     for vid, outcome in progress(outcomes, total=len(todo), desc=f"decode frames ({key})", unit="video"):
@@ -161,19 +182,12 @@ def frame_cache(
         save_npz(out / f"{vid}.npz", frames=outcome.frames, mask=outcome.mask, indices=outcome.indices,
                  times=outcome.times, decoder=np.array(outcome.decoder), source=np.array(content[vid]))
         decoders[vid] = outcome.decoder
-
-    failures_path = out / FAILURES
-    known = load_json(failures_path) if failures_path.exists() else {}
     # this run's outcome replaces earlier records of the videos it retried
     retried = set(todo)
     merged = {v: r for v, r in known.items() if v not in retried} | {v: failed[v] for v in todo if v in failed}
     if merged != known:
         save_json(failures_path, merged)
-    failed_here = {v: merged[v] for v in ids if v in merged}
-    if failed_here:
-        _warn_failures(failed_here, len(ids), failures_path)
-    return FrameCache(out, key, tuple(ids), max_frames, size, failed_here, content,
-                      {v: decoders[v] for v in ids if v in decoders})
+    return decoders, {v: merged[v] for v in ids if v in merged}
 
 
 def _content(path: Path) -> str:

@@ -60,6 +60,8 @@ __all__ = [
 HEADS = ("meanP", "seqTransf")
 MODALITIES = ("fused", "vision", "title")
 EMCL_ROWS = ("pairs", "stacked")  # what RetrievalModel stacks into EMCL's X (see RetrievalModel.emcl_input)
+EMCL_BATCH_ROWS = 1024  # EMCL input rows per batch of blocks in RetrievalModel.similarity: bounds its memory;
+# measured here (1 thread, D = 512) 512-2048 rows are fastest (the batch stays in cache), 8192 ~30% slower
 MASK_BIAS = -1e6  # CLIP4Clip's additive attention mask for padded frames
 SEQ_LAYERNORM_EPS = 1e-12  # CLIP4Clip modules/module_cross.py LayerNorm (TF style)
 
@@ -334,7 +336,8 @@ class RetrievalModel(nn.Module):
         ``text`` (N, D), ``vision`` (V, D), encoded. ``emcl_rows="pairs"``: each video row
         counts N times (EMCL-Net's one row per (text, video) pair, equal under our
         text-independent pooling), each text row once; ``"stacked"``: every row once.
-        Same dtype/device as the inputs.
+        Same dtype/device as the inputs. A batch of B blocks, ``text`` (B, N, D) and
+        ``vision`` (B, V, D), gives ``X`` (B, V + N, D) and multiplicities (B, V + N).
 
         Example:
             >>> model = RetrievalModel(2, emcl=EMCL(k=2))
@@ -342,10 +345,11 @@ class RetrievalModel(nn.Module):
             >>> tuple(x.shape), weights.tolist()
             ((7, 2), [3.0, 3.0, 3.0, 3.0, 1.0, 1.0, 1.0])
         """
-        x = torch.cat([vision, text])  # (V + N, D)
-        weights = x.new_ones(len(x))
+        n_video, n_text = vision.shape[-2], text.shape[-2]
+        x = torch.cat([vision, text], dim=-2)  # ([B,] V + N, D)
+        weights = x.new_ones(x.shape[:-1])
         if self.emcl_rows == "pairs":
-            weights[: len(vision)] = len(text)  # video j stands for its N pair rows (text i, video j)
+            weights[..., :n_video] = n_text  # video j stands for its N pair rows (text i, video j)
         return x, weights
 
     def emcl_embeddings(self, text: Tensor, vision: Tensor) -> tuple[Tensor, Tensor]:
@@ -353,22 +357,25 @@ class RetrievalModel(nn.Module):
 
         Pair (text i, video j) is scored on ``(text[i], video[j])``: with ``"pairs"`` every
         one of video j's N pair rows has this output. Train mode updates the EMCL bases
-        (one call, one update).
+        (one call, one update). In eval mode a batch of B independent blocks, ``text``
+        (B, N, D) and ``vision`` (B, V, D), gives (B, N, D) and (B, V, D).
         """
         x, weights = self.emcl_input(text, vision)
-        y = self.emcl(x, weights)  # (V + N, D)
-        return y[len(vision):], y[: len(vision)]
+        y = self.emcl(x, weights)  # ([B,] V + N, D)
+        n_video = vision.shape[-2]
+        return y[..., n_video:, :], y[..., :n_video, :]
 
     def scores(self, text: Tensor, vision: Tensor, title: Tensor | None = None, modality: str = "fused") -> Tensor:
         """Cosine scores (N, V) from encoded text (N, D) and encoded video (V, D) of one batch/block.
 
         With EMCL, cosines of the rows of :meth:`emcl_embeddings` on this batch (EMCL-Net
-        ``get_logits``: the normalised text row against the normalised video row of the pair).
+        ``get_logits``: the normalised text row against the normalised video row of the pair);
+        in eval mode also of a batch of B independent blocks, (B, N, D) and (B, V, D) -> (B, N, V).
         """
         if self.emcl is not None:
             text, vision = self.emcl_embeddings(text, vision)
         video = self.video_embedding(vision, title, modality)
-        return safe_normalize(text) @ safe_normalize(video).T
+        return safe_normalize(text) @ safe_normalize(video).mT
 
     def similarity(
         self,
@@ -379,24 +386,57 @@ class RetrievalModel(nn.Module):
         title_present: Tensor | None = None,
         modality: str = "fused",
         chunk: int = 1024,
+        emcl_batch_rows: int = EMCL_BATCH_ROWS,
     ) -> Tensor:
         """Cosine similarity (N_text, N_video) of caption features and video features.
 
-        Features are encoded in chunks of ``chunk`` rows; call under ``torch.no_grad()``
-        and ``eval()`` for evaluation (EMCL updates its bases in train mode).
+        Features are encoded in chunks of ``chunk`` rows; call under ``torch.no_grad()``.
+        With EMCL each ``emcl_block x emcl_block`` block is scored on its own, as
+        :meth:`scores` on that block would (the ragged last row and column of blocks
+        included), but blocks of equal shape are run as batches of independent EMs of at most
+        ``emcl_batch_rows`` input rows in all (a 32 x 32 block has 64; ``emcl_rows="pairs"``
+        weights rows instead of repeating them; a block larger than that is run alone). The
+        extra memory is about ``9 * emcl_batch_rows * D`` values besides the (N_text, N_video)
+        output (measured peak: 150 MiB at 8192 rows, D = 512, float32; ~25 MiB at the default 1024).
+        The scores are those of the per-block loop (bitwise on this CPU at the default profile's sizes).
+        Raises ``ValueError`` when EMCL is in train mode (its bases would move once per
+        block; call ``model.eval()``), or when a title model gets no titles.
         """
         if self.use_title and (title is None or title_present is None):
             raise ValueError("this model fuses titles: pass title (V, D) and title_present (V,)")
+        if self.emcl is not None and self.emcl.training:
+            raise ValueError("similarity with EMCL scores blocks in eval mode: call model.eval() first "
+                             "(in train mode EMCL would move its bases once per block)")
+        if emcl_batch_rows < 1:
+            raise ValueError(f"emcl_batch_rows must be >= 1; got {emcl_batch_rows}")
         t = torch.cat([self.encode_text(text[i:i + chunk]) for i in range(0, len(text), chunk)])
         v = torch.cat([self.encode_video(video[i:i + chunk], mask[i:i + chunk]) for i in range(0, len(video), chunk)])
         ft = self.encode_title(title, title_present) if self.use_title else None
         if self.emcl is None:
             return self.scores(t, v, ft, modality)
+        return self._emcl_blocks(t, v, emcl_batch_rows)
+
+    def _emcl_blocks(self, text: Tensor, vision: Tensor, batch_rows: int) -> Tensor:
+        """EMCL scores (N, V) of encoded ``text`` (N, D) and ``vision`` (V, D), one ``emcl_block`` block at a time.
+
+        Blocks are grouped by shape (full; the ragged last row; the ragged last column; the
+        corner) and each group is scored as batches of at most ``batch_rows`` EMCL rows.
+        """
         b = self.emcl_block
-        rows = []
-        for i in range(0, len(t), b):
-            rows.append(torch.cat([self.scores(t[i:i + b], v[j:j + b]) for j in range(0, len(v), b)], dim=1))
-        return torch.cat(rows, dim=0)
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (texts, videos) of a block -> block starts
+        for i in range(0, len(text), b):
+            for j in range(0, len(vision), b):
+                groups.setdefault((min(b, len(text) - i), min(b, len(vision) - j)), []).append((i, j))
+        sim = text.new_empty(len(text), len(vision))
+        for (n_t, n_v), starts in groups.items():
+            per_batch = max(1, batch_rows // (n_t + n_v))  # blocks per batch: EMCL sees n_v + n_t rows per block
+            for k in range(0, len(starts), per_batch):
+                batch = starts[k:k + per_batch]
+                scores = self.scores(torch.stack([text[i:i + n_t] for i, _ in batch]),  # (B, n_t, D)
+                                     torch.stack([vision[j:j + n_v] for _, j in batch]))  # (B, n_v, D) -> (B, n_t, n_v)
+                for (i, j), block in zip(batch, scores):
+                    sim[i:i + n_t, j:j + n_v] = block
+        return sim
 
     def modalities(self, video: Tensor, mask: Tensor, title: Tensor, title_present: Tensor) -> dict[str, Tensor]:
         """MBVR's three video embeddings, normalised (V, D) each: ``vision``, ``title``, ``fused``."""

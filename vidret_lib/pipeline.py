@@ -5,9 +5,16 @@ prepared from a local folder or downloaded), and ``split_features`` walks one sp
 the frame cache and the feature caches into a :class:`~vidret_lib.train.FeatureSplit`, seen
 through the start ``DataConfig.start`` names (:mod:`vidret_lib.pretrain`). Every step is "load
 if present, else compute", so the second notebook to ask for a split only reads files.
+
+End to end (``TrainConfig.mode="end_to_end"``), training reads frames, not features:
+``split_inputs`` gives what :func:`~vidret_lib.train.train` takes in a mode (the feature split
+itself, or its :func:`raw_split`: the same videos and captions, in the same order, read from the
+frame cache), and ``model_features`` gives the features a trained model scores a split with (the
+cached ones in frozen mode, its trained towers' end to end), for a notebook's analyses.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +26,7 @@ from .datasets import Dataset, Split, load_dataset
 from .features import text_features, video_features
 from .frame_cache import frame_cache
 from .pretrain import PretrainConfig, StartCheckpoint, apply_start, pretrain_start, start_key
-from .train import FeatureSplit
+from .train import MODES, FeatureSplit, RawSplit, TrainConfig, featurize
 
 SHAPEMOTION_PREFIX = "shapemotion-"
 TITLE_SOURCES = ("title", "category")
@@ -28,6 +35,12 @@ STARTS = ("pretrained", "random_projection")
 # gets a tiny one; every other dataset the full one (the start does not depend on the dataset).
 SMOKE_PRETRAIN = PretrainConfig(n_images=240, heldout=40, captions_per_image=1, epochs=10, batch_size=64)
 PRETRAIN_CONFIGS = {"shapemotion-smoke": SMOKE_PRETRAIN}
+# CLIP4Clip's end-to-end recipe as TrainConfig fields: every training notebook that can fine-tune end to end
+# (01, 02, 03, 05) has a parameter of each name, defaulting to TrainConfig's (frozen) value, passed on as is
+RECIPE_SWITCHES = ("mode", "precision", "freeze_layer_num", "sampling", "false_negatives", "learned_logit_scale",
+                   "loader_workers")
+# the switches that only end-to-end training may set (TrainConfig.validate refuses them in frozen mode)
+END_TO_END_ONLY = ("precision", "freeze_layer_num", "learned_logit_scale", "loader_workers")
 
 
 @dataclass
@@ -109,7 +122,7 @@ def prepare_dataset(config: DataConfig) -> Dataset:
             source, downloads = msrvtt.download(Path(config.cache_dir) / "downloads" / "msrvtt")
         else:
             downloads = None
-        dataset = msrvtt.prepare(source, root, downloads)
+        dataset = msrvtt.prepare(source, root, downloads, reuse_complete=True)  # another rank may have, meanwhile
         print(msrvtt.describe(dataset.manifest()))
         return dataset
     raise ValueError(
@@ -189,11 +202,113 @@ def feature_rows(dataset: Dataset, split: str, features: FeatureSplit) -> list[d
     return rows
 
 
-def open_encoder(name: str = "default", pretrained: str = "", device: str = "cpu"):
-    """:func:`vidret_lib.encoders.load_encoder` from notebook parameters (``pretrained=""``: none)."""
+def twin_queries(dataset: Dataset, split: str, features: FeatureSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    """The t2v queries of ``features`` whose video has its time-reversed twin (ShapeMotion's ``twin``
+    field) among ``features``' videos: ``(twin_q, twin_of)``, both (Q,) int64 on the CPU, the query's
+    caption row and its twin's video index. A query wins the twin test when it scores its own video
+    (``caption_video[twin_q]``) above ``twin_of``. Empty for a dataset without twins (MSR-VTT).
+    Raises as :func:`feature_rows`.
+    """
+    index = {v: i for i, v in enumerate(features.video_ids or ())}
+    rows = feature_rows(dataset, split, features)
+    twin_q = [i for i, r in enumerate(rows) if dataset.videos[r["video_id"]].get("twin") in index]
+    twin_of = [index[dataset.videos[rows[i]["video_id"]]["twin"]] for i in twin_q]
+    return torch.tensor(twin_q, dtype=torch.long), torch.tensor(twin_of, dtype=torch.long)
+
+
+def raw_split(config: DataConfig, dataset: Dataset, split: str, encoder, features: FeatureSplit) -> RawSplit:
+    """The :class:`~vidret_lib.train.RawSplit` of split ``split`` with exactly the videos and captions of
+    ``features`` (its :func:`split_features`), in the same order: what end-to-end training reads.
+
+    Frames come from the same frame cache as ``features`` (the same call, so nothing is decoded again);
+    each video is read only when a batch needs it (:meth:`RawSplit.from_frame_cache`). The videos
+    ``split_features`` left out (undecodable, or no valid frame) are left out here too, with their
+    captions, and listed in ``RawSplit.excluded`` with the same reasons.
+
+    Raises:
+        ValueError: ``features`` is not a feature split of ``split`` (other videos, or captions
+            that do not match the stored split's); build it with :func:`split_features`.
+    """
+    if features.video_ids is None:
+        raise ValueError("features.video_ids is None: build the feature split with split_features()")
+    sp = dataset.split(split, present_only=True)
+    frames = frame_cache(
+        dataset, sp.video_ids, config.cache_dir,
+        max_frames=config.max_frames, sample_fps=config.sample_fps, size=encoder.image_size,
+    )
+    kept = set(features.video_ids)
+    unknown = sorted(kept - set(sp.video_ids))
+    if unknown:
+        raise ValueError(f"features hold {len(unknown)} videos that split {split!r} of {dataset.root} has not "
+                         f"(e.g. {unknown[:3]}): pass the feature split of {split!r}")
+    # the features' videos and captions only: a video split_features dropped for having no valid frame
+    # has not failed to decode, so from_frame_cache alone would keep it
+    rows = [(s, v) for s, v in zip(sp.sentences, sp.caption_video_ids) if v in kept]
+    raw = RawSplit.from_frame_cache(frames, Split(sp.name, [s for s, _ in rows], [v for _, v in rows]))
+    if raw.video_ids != features.video_ids or not torch.equal(raw.caption_video, features.caption_video.cpu()):
+        raise ValueError(f"the captions of split {split!r} of {dataset.root} do not match the features' "
+                         "captions: pass the feature split of this split, built by split_features()")
+    return dataclasses.replace(raw, excluded=dict(features.excluded))
+
+
+def split_inputs(mode: str, config: DataConfig, dataset: Dataset, split: str, encoder,
+                 features: FeatureSplit) -> FeatureSplit | RawSplit:
+    """What :func:`~vidret_lib.train.train` takes for split ``split`` in ``TrainConfig.mode`` ``mode``:
+    ``features`` itself (``"frozen"``) or its :func:`raw_split` (``"end_to_end"``).
+
+    Raises ``ValueError`` for another mode (naming the valid ones), or from :func:`raw_split`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {MODES}")
+    return features if mode == "frozen" else raw_split(config, dataset, split, encoder, features)
+
+
+def frozen_config(config: TrainConfig) -> TrainConfig:
+    """``config`` in frozen mode: :data:`END_TO_END_ONLY` back at TrainConfig's defaults, every other field kept.
+
+    For what a notebook builds on the start's cached features whatever the profile's mode (its
+    step-by-step checks, probes of a model at initialisation, zero-shot baselines). A frozen ``config``
+    comes back equal to itself.
+
+    Example:
+        >>> frozen_config(TrainConfig(mode="end_to_end", precision="fp16_weights", lr=0.5)) == TrainConfig(lr=0.5)
+        True
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in END_TO_END_ONLY}
+    return dataclasses.replace(config, mode="frozen", **defaults)
+
+
+def model_features(model, split: FeatureSplit | RawSplit, videos: int | None = None) -> FeatureSplit:
+    """The features ``model`` scores ``split`` with, on the model's device: for an analysis of a trained model.
+
+    A :class:`~vidret_lib.train.FeatureSplit` (frozen mode) is the start's cached features, which
+    the model reads through its own adapters: returned as it is (``video_ids`` kept). A
+    :class:`~vidret_lib.train.RawSplit` (end to end) is encoded by the model's trained towers
+    (:func:`vidret_lib.train.featurize`: text (N, D), video (V, T, D) float32 and mask (V, T)),
+    never the start's; with ``videos``, only its first ``videos`` videos and their captions are
+    encoded (``caption_video`` indexes them; e.g. one analysis batch of a 9,000-video split).
+    The result carries the split's ``video_ids`` (the first ``videos`` of them) and ``excluded``.
+    """
+    device = next(model.parameters()).device
+    if isinstance(split, FeatureSplit):
+        return split.to(device)
+    if videos is not None and videos < split.num_videos:
+        keep = split.caption_video < videos  # (N,) captions of the first `videos` videos
+        split = RawSplit(split.load_video, [s for s, k in zip(split.sentences, keep.tolist()) if k],
+                         split.caption_video[keep], videos,
+                         None if split.video_ids is None else split.video_ids[:videos], split.excluded)
+    return dataclasses.replace(featurize(model, split), video_ids=split.video_ids, excluded=dict(split.excluded))
+
+
+def open_encoder(name: str = "default", pretrained: str = "", device: str = "cpu", context_length: int = 0):
+    """:func:`vidret_lib.encoders.load_encoder` from notebook parameters (``pretrained=""``: none;
+    ``context_length=0``: the encoder's own, else that many tokens, e.g. CLIP4Clip's 32 words)."""
     from .encoders import load_encoder
 
-    return load_encoder(name, device, **({"pretrained": pretrained} if pretrained else {}))
+    options = {"pretrained": pretrained} if pretrained else {}
+    if context_length:
+        options["context_length"] = context_length
+    return load_encoder(name, device, **options)
 
 
 def data_key(config: DataConfig, dataset: Dataset, encoder, *splits: str) -> str:

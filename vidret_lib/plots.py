@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .distributed import is_main_process
+
 
 def metric_bars(ax, summary, key: str = "t2v_R1", evaluation: str = "plain", checkpoint: str = "selected",
                 queries: str = "all"):
@@ -81,8 +83,11 @@ def histograms(ax, samples: dict[str, Sequence[float]], bins: int = 40, xlabel: 
 
 
 def save(fig, figures_dir: str, name: str) -> Path:
-    """Save ``fig`` as ``<figures_dir>/<name>.png`` and return the path."""
+    """Save ``fig`` as ``<figures_dir>/<name>.png`` and return the path; under torchrun only rank 0
+    writes (:func:`vidret_lib.distributed.is_main_process`), the others return the path."""
     path = Path(figures_dir) / f"{name}.png"
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path

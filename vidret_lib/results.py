@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import load_json, save_json
+from . import distributed
 from .runinfo import environment_report
 
 RESULTS_SCHEMA = 1
@@ -29,7 +30,10 @@ def write_results(
     """Write a results JSON atomically and return its path.
 
     ``config`` is a dict or a dataclass (stored whole); ``protocol`` records the protocol
-    switches that were on (e.g. ``{"checkpoint": "val", "rerank": "none"}``).
+    switches that were on (e.g. ``{"checkpoint": "val", "rerank": "none"}``). Under torchrun every
+    rank calls it (a notebook cell runs on every rank), only rank 0 writes
+    (:func:`vidret_lib.distributed.is_main_process`), and every rank returns once the file is on
+    disk (a barrier), so a rank may read it next.
 
     Example:
         >>> import tempfile, pathlib
@@ -38,6 +42,16 @@ def write_results(
         >>> r = read_results(p); r["metrics"], r["config"], r["seed"]
         ({'t2v_R1': 12.5}, {'lr': 0.0001}, 0)
     """
+    path = Path(path)
+    distributed.init_from_env(device)  # torchrun: join the group (if no training did) for the barrier below
+    if distributed.is_main_process():  # every rank computed the same record: rank 0 keeps it
+        _save(path, name, metrics, config, seed, device, protocol)
+    distributed.barrier()
+    return path
+
+
+def _save(path: Path, name: str, metrics: dict[str, Any], config: Any, seed: int, device: str,
+          protocol: dict[str, Any] | None) -> None:
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
     record = {
@@ -50,7 +64,7 @@ def write_results(
         "environment": environment_report(device),
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return save_json(path, record)
+    save_json(path, record)
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:

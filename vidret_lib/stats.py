@@ -489,13 +489,17 @@ def _z(level: float) -> float:
 # --- the resampling engine -----------------------------------------------------------------------------
 
 
-def _bootstrap(statistic: Callable[[np.ndarray, np.ndarray], np.ndarray], a: SeedValues, b: SeedValues,
+Statistic = Callable[[list[np.ndarray], np.ndarray], list[np.ndarray]]
+
+
+def _bootstrap(statistic: Statistic, a: SeedValues, b: SeedValues,
                n_items: int | None, n_resamples: int, rng_seed: int, level: float, clusters=None) -> Interval:
     """CI of mean_s statistic(b_s) - mean_s statistic(a_s), resampling seeds then items, or the items'
     clusters (module docstring).
 
-    ``statistic(x, counts)``: x (S, n) values, counts (R, n) float multiplicities of each item in R
-    resamples -> (R, S) statistic of every seed in every resample.
+    ``statistic([xa, xb], counts)``: xa (Sa, n) and xb (Sb, n) values, counts (R, n) float multiplicities
+    of each item in R resamples -> [(R, Sa), (R, Sb)] statistic of every seed in every resample (both
+    variants in one call, so what depends only on the counts, e.g. the labels' ranks, is computed once).
     """
     level = _check_level(level)
     if int(n_resamples) != n_resamples or n_resamples < 1:
@@ -537,13 +541,14 @@ def _bootstrap(statistic: Callable[[np.ndarray, np.ndarray], np.ndarray], a: See
         items = units if groups is None else units[:, groups]  # a drawn video brings each of its queries
         seeds_a = _counts(rng, sa, size)  # (R, S) multiplicity of each seed
         seeds_b = seeds_a if paired else _counts(rng, sb, size)
-        diffs.append((seeds_b * statistic(xb, items)).sum(1) / sb - (seeds_a * statistic(xa, items)).sum(1) / sa)
+        stat_a, stat_b = statistic([xa, xb], items)
+        diffs.append((seeds_b * stat_b).sum(1) / sb - (seeds_a * stat_a).sum(1) / sa)
     dist = np.concatenate(diffs)
     if not np.all(np.isfinite(dist)):
         raise ValueError(f"{np.sum(~np.isfinite(dist))} of {n_resamples} resamples have an undefined statistic "
                          f"(e.g. all {n} resampled pairs tied): too few items for this bootstrap")
-    observed = np.ones((1, n))
-    estimate = float(statistic(xb, observed).mean() - statistic(xa, observed).mean())
+    stat_a, stat_b = statistic([xa, xb], np.ones((1, n)))  # the data as observed: every item once
+    estimate = float(stat_b.mean() - stat_a.mean())
     low, high = np.quantile(dist, [(1 - level) / 2, (1 + level) / 2])
     return Interval(estimate, float(low), float(high), level, n, (sa, sb), paired, int(n_resamples), rng_seed, dist,
                     None if groups is None else n_units)
@@ -555,10 +560,11 @@ def _counts(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=size * n).reshape(size, n).astype(np.float64)
 
 
-def _mean_statistic(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """(R, S) mean of each seed's values in each resample: sum_i counts[r, i] x[s, i] / sum_i counts[r, i]
-    (the denominator is n for a draw of n items; a cluster draw holds a varying number of items)."""
-    return counts @ x.T / counts.sum(1, keepdims=True)
+def _mean_statistic(xs: list[np.ndarray], counts: np.ndarray) -> list[np.ndarray]:
+    """(R, S) mean of each seed's values in each resample, for each x of ``xs``:
+    sum_i counts[r, i] x[s, i] / sum_i counts[r, i] (the denominator is n for a draw of n items; a
+    cluster draw holds a varying number of items)."""
+    return [counts @ x.T / counts.sum(1, keepdims=True) for x in xs]
 
 
 def _cluster_index(clusters, n: int) -> np.ndarray:
@@ -573,52 +579,74 @@ def _cluster_index(clusters, n: int) -> np.ndarray:
     return np.unique(labels, return_inverse=True)[1].reshape(n)
 
 
-def _spearman_statistic(labels: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """``statistic(x, counts)`` -> (R, S) Spearman of each seed's scores x[s] with ``labels`` in each resample."""
-    label_groups = _tie_groups(labels, "labels")
+def _spearman_statistic(labels: np.ndarray) -> Statistic:
+    """``statistic(xs, counts)`` -> for each x (S, n) of ``xs``, the (R, S) Spearman of each seed's scores x[s]
+    with ``labels`` in each resample.
 
-    def statistic(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        # Spearman = Pearson of average ranks. _resample_ranks subtracts the mean rank (n + 1) / 2 of a resample
-        # of n items, so with weights w = counts: rho = sum w rx ry / sqrt(sum w rx^2 * sum w ry^2)
-        ry = _resample_ranks(counts, label_groups)
-        ryy = np.einsum("ij,ij,ij->i", counts, ry, ry)
-        out = np.empty((counts.shape[0], x.shape[0]))
-        for s, row in enumerate(x):
-            rx = _resample_ranks(counts, _tie_groups(row, "scores"))
-            with np.errstate(invalid="ignore", divide="ignore"):  # a resample of tied items only: NaN, reported
-                out[:, s] = np.einsum("ij,ij,ij->i", counts, rx, ry) / np.sqrt(np.einsum("ij,ij,ij->i", counts, rx, rx) * ryy)
+    Spearman = Pearson of average ranks. The ranks of a resample of n items are centred (minus their mean
+    (n + 1) / 2), so with weights w = counts: rho = sum w rx ry / sqrt(sum w rx^2 * sum w ry^2). Each term
+    is a multiple of 1/4 below n^3, so below 2^53 each sum is exact in float64 whatever its order: the result
+    depends on nothing but the counts. The counts and centred ranks (integers and half-integers below n) are
+    exact in float32 for n < 2^22, which halves the memory traffic of the (R, n) gathers that dominate the
+    cost; the products are summed in float64.
+    """
+    label_order = np.argsort(labels, kind="stable")
+    label_starts = _tie_starts(labels[label_order], "labels")
+    label_item = np.argsort(label_order)  # item i's position in label_order
+
+    def statistic(xs: list[np.ndarray], counts: np.ndarray) -> list[np.ndarray]:
+        w = counts.astype(np.float32 if counts.shape[1] < 2 ** 22 else np.float64)  # (R, n), exact
+        ry = np.take(_sorted_ranks(np.take(w, label_order, axis=1), label_starts), label_item, axis=1)
+        # (R, n) centred label ranks in item order, once for every x
+        ryy = np.einsum("ij,ij,ij->i", w, ry, ry, dtype=np.float64)  # (R,) sum w ry^2
+        out = []
+        for x in xs:
+            rho = np.empty((len(w), len(x)))
+            for s, row in enumerate(x):
+                order = np.argsort(row, kind="stable")
+                w_sorted = np.take(w, order, axis=1)  # (R, n) in the scores' sorted order
+                rx = _sorted_ranks(w_sorted, _tie_starts(row[order], "scores"))  # (R, n) centred score ranks
+                rxy = np.einsum("ij,ij,ij->i", w_sorted, rx, np.take(ry, order, axis=1), dtype=np.float64)  # sum w rx ry
+                rxx = np.einsum("ij,ij,ij->i", w_sorted, rx, rx, dtype=np.float64)  # sum w rx^2
+                with np.errstate(invalid="ignore", divide="ignore"):  # a resample of tied items only: NaN, reported
+                    rho[:, s] = rxy / np.sqrt(rxx * ryy)
+            out.append(rho)
         return out
 
     return statistic
 
 
-def _tie_groups(v: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(order, starts, group): argsort of v, first sorted position of each run of equal values, and the
-    group (run) of every item in v's order. Raises ValueError when v is constant (no ranking)."""
-    order = np.argsort(v, kind="stable")
-    new = np.r_[True, v[order][1:] != v[order][:-1]]
-    if new.sum() < 2:
+def _tie_starts(v_sorted: np.ndarray, name: str) -> np.ndarray:
+    """The first position of each run of equal values in ascending ``v_sorted`` (n,). Raises ValueError
+    naming ``name`` when it is constant (no ranking)."""
+    starts = np.flatnonzero(np.r_[True, v_sorted[1:] != v_sorted[:-1]])
+    if len(starts) < 2:
         raise ValueError(f"{name} are constant: Spearman's correlation is undefined")
-    group = np.empty(len(v), dtype=np.int64)
-    group[order] = np.cumsum(new) - 1
-    return order, np.flatnonzero(new), group
+    return starts
 
 
-def _resample_ranks(counts: np.ndarray, groups: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-    """(R, n) average rank of each item within each resample, minus the mean rank (n + 1) / 2.
+def _sorted_ranks(w_sorted: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """(R, n) average rank of each item within each resample, minus the mean rank (n + 1) / 2, the items
+    in ascending order of their values: ``w_sorted`` (R, n) their copies in each resample, ``starts`` the
+    first position of each tie group (:func:`_tie_starts`).
 
-    The copies of an item's tie group in a resample take the ranks after the ``below`` copies of smaller
-    values: average rank ``below + (copies + 1) / 2 = cumulative copies - (copies - 1) / 2``.
+    With C the cumulative copies (C[-1] = 0), the copies of the tie group spanning sorted positions
+    first..last take ranks C[first - 1] + 1 .. C[last]: average ``(C[first - 1] + C[last] + 1) / 2``, which for
+    an untied item is ``C - (copies - 1) / 2``. Only the tied positions need the group's ends (few for scores).
     """
-    order, starts, group = groups
-    n = counts.shape[1]
-    copies = np.take(counts, order, axis=1)  # (R, n) in sorted order: one column per tie group when there are no ties
-    if len(starts) < n:
-        copies = np.add.reduceat(copies, starts, axis=1)  # (R, G) copies of each tie group
-    ranks = np.cumsum(copies, axis=1)
-    ranks -= 0.5 * copies
+    n = w_sorted.shape[1]
+    cum = np.cumsum(w_sorted, axis=1)  # (R, n) C
+    ranks = cum - 0.5 * w_sorted
     ranks += 0.5 - (n + 1) / 2
-    return np.take(ranks, group, axis=1)  # np.take: several times faster than ranks[:, group] here
+    size = np.diff(np.r_[starts, n])
+    tied = size > 1
+    if tied.any():
+        first, last = np.repeat(starts[tied], size[tied]), np.repeat((starts + size - 1)[tied], size[tied])
+        positions = first + np.concatenate([np.arange(k) for k in size[tied]])
+        before = np.take(cum, np.maximum(first - 1, 0), axis=1)  # (R, n_tied) C[first - 1]
+        before[:, first == 0] = 0
+        ranks[:, positions] = 0.5 * (before + np.take(cum, last, axis=1)) + 0.5 - (n + 1) / 2
+    return ranks
 
 
 def _seed_matrix(x: SeedValues, name: str) -> tuple[tuple[int, ...] | None, np.ndarray]:
