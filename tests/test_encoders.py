@@ -5,6 +5,8 @@ Every test here runs with the network blocked (sockets refuse to connect).
 import copy
 import dataclasses
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -371,3 +373,20 @@ def test_cache_id_records_the_activation(monkeypatch):
     gelu = load_encoder("Tiny-B", pretrained=None).cache_id
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "Tiny-B", {**TINY_CLIP, "quick_gelu": True})
     assert load_encoder("Tiny-B", pretrained=None).cache_id != gelu  # same name, other activation
+
+
+def test_the_default_encoder_builds_its_towers_on_first_use():
+    # a notebook whose features are cached reads only cache_id and sizes: open_clip (7 s to import here) and the
+    # towers are not loaded until `model` or `tokenizer` is read, once
+    code = (
+        "import sys\n"
+        "from vidret_lib.encoders import load_encoder\n"
+        "enc = load_encoder('default')\n"
+        "print(repr(enc), enc.cache_id, enc.image_size)\n"
+        "assert 'open_clip' not in sys.modules and enc.build is not None, 'built before use'\n"
+        "model = enc.model\n"
+        "assert 'open_clip' in sys.modules and enc.model is model and enc.tokenizer is not None and enc.build is None\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

