@@ -245,3 +245,28 @@ def test_a_run_killed_at_one_seed_keeps_the_seeds_before_it(tmp_path, splits, mo
     assert [r["seed"] for r in rec["metrics"]["runs"]] == [0, 1]
     run_variant("v", CONFIG, [0, 1, 2], tr, va, te, str(tmp_path), "nb", "data-a")
     assert calls == [0, 1, 1, 2], "adding a seed to the list trains only that seed"
+
+
+@pytest.mark.parametrize("select", ["val", "last"])
+def test_run_variant_scores_the_last_epoch_once_when_it_is_the_selected_one(tmp_path, splits, monkeypatch, select):
+    tr, va, te = splits
+    config = dataclasses.replace(CONFIG, select=select, epochs=3)
+    scored = []
+
+    def counting(model, split, **kwargs):
+        scored.append(id(split))
+        return evaluate(model, split, **kwargs)
+
+    monkeypatch.setattr(experiment, "evaluate", counting)
+    analysed = []
+    rec = run_variant("v", config, [0, 1], tr, va, te, str(tmp_path), "nb", "data-a",
+                      analyses={"n": lambda model: analysed.append(1) or {"n": 1}})
+    test_calls = sum(1 for s in scored if s == id(te))
+    results = [train(dataclasses.replace(config, seed=s), tr, va) for s in (0, 1)]
+    same = [r.chosen_epoch == config.epochs for r in results]
+    assert test_calls == len(analysed) == sum(1 if s else 2 for s in same)  # one scoring per distinct checkpoint
+    if select == "last":
+        assert all(same)
+    for run, result in zip(rec["metrics"]["runs"], results):  # what is recorded equals scoring each checkpoint
+        assert run["test"]["plain"]["selected"] == evaluate(result.model, te, with_ranks=True)
+        assert run["test"]["plain"]["last"] == evaluate(result.model_at("last"), te, with_ranks=True)

@@ -235,15 +235,20 @@ def run_variant(
 
     def one_seed(seed: int) -> dict[str, Any]:
         result = train(dataclasses.replace(config, seed=seed), train_split, val_split, encoder=encoder)
-        weights = {"selected": result.model, "last": result.model_at("last")}
-        test = {
-            e: {which: evaluate(model, test_split, with_ranks=True, **kw) for which, model in weights.items()}
-            for e, kw in evals.items()
-        }
+
+        def scored(model) -> tuple[dict, dict]:  # test metrics per evaluation, and the analyses, of one checkpoint
+            return ({e: evaluate(model, test_split, with_ranks=True, **kw) for e, kw in evals.items()},
+                    {a: fn(model) for a, fn in analyses.items()})
+
+        selected = scored(result.model)
+        # the last epoch's weights are the selected ones when the last epoch was chosen: scored once
+        last = selected if result.chosen_epoch == result.config.epochs else scored(result.model_at("last"))
+        by_which = {"selected": selected, "last": last}
+        test = {e: {which: s[0][e] for which, s in by_which.items()} for e in evals}
         history = [{"epoch": h["epoch"], "loss": h["loss"], "val": h["val"]} for h in result.history]
         run = {"seed": seed, "chosen_epoch": result.chosen_epoch, "history": history, "test": test}
         if analyses:
-            run["analyses"] = {a: {which: fn(model) for which, model in weights.items()} for a, fn in analyses.items()}
+            run["analyses"] = {a: {which: s[1][a] for which, s in by_which.items()} for a in analyses}
         return run
 
     def compute() -> dict[str, Any]:
